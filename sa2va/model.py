@@ -1,0 +1,554 @@
+"""Loading a Sa2VA checkpoint, freezing and LoRA, and the one [SEG] -> mask forward.
+
+Every checkpoint (the user's 26B or the project's tiny one) is reached the same way:
+`AutoModel.from_pretrained(..., trust_remote_code=True)` and the release's public names.
+Nothing here knows the tiny model's classes; every size is read from the checkpoint.
+
+The forward that trains is the forward that predicts:
+  prompt (template + image tokens + an answer holding [SEG]) -> LLM (teacher-forced)
+  -> last hidden state at [SEG] -> text_hidden_fcs -> SAM2 heads -> low-res mask logits.
+It is split in two: `encode_frozen` (ViT and SAM2 image encoder: depend only on the image
+and frozen weights, so they can be cached) and `seg_logits` (everything that trains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+from .preprocess import sam_input, vit_tiles
+
+# The chat templates the release ships (read the name from config.json at run time).
+TEMPLATES: dict[str, str] = {
+    "qwen_chat": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+    "internlm2_chat": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+    "phi3_chat": "<|user|>\n{input}<|end|>\n<|assistant|>\n",
+}
+IMG_START, IMG_END, IMG_CONTEXT, SEG = "<img>", "</img>", "<IMG_CONTEXT>", "[SEG]"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class Sa2VA:
+    """A loaded checkpoint and the facts about it that the forward needs."""
+
+    model: nn.Module
+    tokenizer: Any
+    path: Path
+    template: str
+    seg_token_id: int
+    img_context_token_id: int
+    num_image_token: int
+    vit_size: int
+    min_tiles: int
+    max_tiles: int
+    use_thumbnail: bool
+    dynamic_tiles: bool
+    sam_size: int
+    device: torch.device
+    dtype: torch.dtype
+    prompt_cache: dict[tuple[int, str, str], list[int]] = field(default_factory=dict)
+
+    @property
+    def sam2(self) -> nn.Module:
+        return self.model.grounding_encoder.sam2_model
+
+    @property
+    def low_res(self) -> int:
+        return self.sam_size // 4
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def check_model_folder(path: str | Path) -> dict[str, Any]:
+    """Check that `path` is a Sa2VA remote-code folder; name the missing file or field."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"model folder {folder} has no config.json: not a HuggingFace model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_file} is not valid JSON: {err}") from err
+    if config.get("model_type") != "sa2va_chat":
+        raise UserError(f"{config_file}: model_type is {config.get('model_type')!r}, expected 'sa2va_chat'")
+    auto_map = config.get("auto_map") or {}
+    if "AutoModel" not in auto_map:
+        raise UserError(f"{config_file}: auto_map has no AutoModel entry (not a Sa2VA remote-code folder)")
+    for ref in {auto_map["AutoModel"], auto_map.get("AutoConfig", "")} - {""}:
+        module = ref.split("--")[-1].rsplit(".", 1)[0]
+        if not (folder / f"{module}.py").is_file():
+            raise UserError(f"model folder {folder} is missing {module}.py (named by auto_map in config.json)")
+    for key in ("template", "llm_config", "vision_config"):
+        if key not in config:
+            raise UserError(f"{config_file} has no {key!r} field")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"model folder {folder} has no weights ({' or '.join(WEIGHT_FILES[:2])})")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"model folder {folder} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    return config
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for but torch sees no GPU")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+def _install_transformers_compat() -> None:
+    """Known breakage 1: the release's phi3 module imports transformers.modeling_attn_mask_utils,
+    removed in transformers 5.10; modeling_sa2va_chat imports it for every size. Give the import
+    a stand-in whose functions refuse with a message (only Phi3-based sizes would call them)."""
+    name = "transformers.modeling_attn_mask_utils"
+    try:
+        importlib.import_module(name)
+        return
+    except ImportError:
+        pass
+    shim = types.ModuleType(name)
+
+    def _refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise UserError("this Sa2VA size uses a Phi3 LLM whose remote code needs "
+                        "transformers.modeling_attn_mask_utils (removed in transformers 5.10): "
+                        "use transformers<5.10 for it")
+
+    for fn in ("_prepare_4d_causal_attention_mask", "_prepare_4d_causal_attention_mask_for_sdpa",
+               "_prepare_4d_attention_mask", "_prepare_4d_attention_mask_for_sdpa"):
+        setattr(shim, fn, _refuse)
+
+    class AttentionMaskConverter:  # referenced by name only
+        def __init__(self, *_a: Any, **_k: Any) -> None:
+            _refuse()
+
+    shim.AttentionMaskConverter = AttentionMaskConverter
+    sys.modules[name] = shim
+
+
+def _ensure_post_init(folder: Path, auto_ref: str) -> None:
+    """Known breakage 2: Sa2VAChatModel.__init__ never calls post_init(), which transformers 5
+    needs before from_pretrained. Wrap __init__ of the loaded class when its source lacks it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    cls = get_class_from_dynamic_module(auto_ref, str(folder))
+    if getattr(cls, "_sa2va_dpo_post_init", False):
+        return
+    source = (folder / f"{auto_ref.split('--')[-1].rsplit('.', 1)[0]}.py").read_text()
+    if "self.post_init()" in source:
+        return
+    original_init = cls.__init__
+
+    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.post_init()
+
+    cls.__init__ = __init__
+    cls._sa2va_dpo_post_init = True
+
+
+def _fix_meta_buffers(model: nn.Module, device: torch.device) -> None:
+    """Known breakage 4: after v5 loading, SAM2 memory attention's `freqs_cis` stay on the meta
+    device (non-persistent attributes). Recompute them with the module's own compute_cis."""
+    for module in model.modules():
+        freqs = getattr(module, "freqs_cis", None)
+        if isinstance(freqs, Tensor) and freqs.is_meta and callable(getattr(module, "compute_cis", None)):
+            side = math.isqrt(freqs.shape[0])
+            module.freqs_cis = module.compute_cis(end_x=side, end_y=side).to(device)
+
+
+def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", dtype: str = "auto") -> Sa2VA:
+    """Load a Sa2VA HF folder through AutoModel/AutoTokenizer and read its facts."""
+    folder = Path(path)
+    config = check_model_folder(folder)
+    if not trust_remote_code:
+        code = ", ".join(sorted(p.name for p in folder.glob("*.py"))) or "its Python files"
+        raise UserError(
+            f"loading {folder} runs the Python code it ships ({code}) to build the model; "
+            "if you trust it, set model.trust_remote_code=true (or pass --trust-remote-code)")
+    from transformers import AutoModel, AutoTokenizer
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    _install_transformers_compat()
+    _ensure_post_init(folder, config["auto_map"]["AutoModel"])
+    try:
+        model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch_dtype)
+    except ImportError as err:
+        raise UserError(f"cannot import the remote code of {folder}: {err}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    except ImportError as err:
+        # Known breakage 5: InternLM2 tokenizer code (8B/26B) imports modules moved in 5.x.
+        raise UserError(f"cannot load the tokenizer of {folder}: {err}. The InternLM2 tokenizer code of "
+                        "Sa2VA-8B/26B imports modules that moved in transformers 5.x; "
+                        "convert it to tokenizer.json or use a transformers version it supports") from err
+    model.to(dev)
+    model._count = 0  # known breakage 3: the release's training forward reads it
+    _fix_meta_buffers(model, dev)
+
+    template_name = config["template"]
+    if template_name not in TEMPLATES:
+        raise UserError(f"{folder / 'config.json'}: unknown template {template_name!r} "
+                        f"(known: {', '.join(TEMPLATES)})")
+    ids = {}
+    for token in (SEG, IMG_CONTEXT, IMG_START, IMG_END):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise UserError(f"the tokenizer of {folder} has no {token} token: not a Sa2VA tokenizer")
+        ids[token] = tid
+    model.img_context_token_id = ids[IMG_CONTEXT]
+
+    vision = config["vision_config"]
+    vit_size = int(config.get("force_image_size") or vision.get("image_size"))
+    return Sa2VA(
+        model=model,
+        tokenizer=tokenizer,
+        path=folder,
+        template=TEMPLATES[template_name],
+        seg_token_id=ids[SEG],
+        img_context_token_id=ids[IMG_CONTEXT],
+        num_image_token=int(model.num_image_token),
+        vit_size=vit_size,
+        min_tiles=int(config.get("min_dynamic_patch", 1)),
+        max_tiles=int(config.get("max_dynamic_patch", 12)),
+        use_thumbnail=bool(config.get("use_thumbnail", True)),
+        dynamic_tiles=bool(config.get("dynamic_image_size", True)),
+        sam_size=int(model.grounding_encoder.sam2_model.image_size),
+        device=dev,
+        dtype=torch_dtype,
+    )
+
+
+# --------------------------------------------------------------------------- freezing and LoRA
+
+
+def add_lora_and_freeze(sa2va: Sa2VA, lora: Any, train_modules: Any) -> None:
+    """Freeze everything, then: LoRA on the LLM's linear layers (not the output head),
+    and train text_hidden_fcs / the SAM2 mask decoder / mlp1 as configured.
+
+    Trained parameters are kept in float32 (master weights): at lr 1e-6 a bfloat16 weight
+    cannot represent the update. Frozen weights stay in the load dtype.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model = sa2va.model
+    model.requires_grad_(False)
+    targets: Any = lora.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"  # peft's rule: every Linear except the output head
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=targets, bias="none")
+    try:
+        model.language_model = get_peft_model(model.language_model, peft_config)
+    except ValueError as err:
+        raise UserError(f"config key lora.target_modules: {err}") from err
+    trained: list[nn.Module] = []
+    if train_modules.text_hidden_fcs:
+        trained.append(model.text_hidden_fcs)
+    if train_modules.mask_decoder:
+        trained.append(model.grounding_encoder.sam2_model.sam_mask_decoder)
+    if train_modules.mlp1:
+        trained.append(model.mlp1)
+    for module in trained:
+        module.requires_grad_(True)
+    # SAM2 runs these two projections inside forward_image, i.e. in the frozen, cacheable part.
+    decoder = model.grounding_encoder.sam2_model.sam_mask_decoder
+    for name in ("conv_s0", "conv_s1"):
+        if hasattr(decoder, name):
+            getattr(decoder, name).requires_grad_(False)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(module, trained, frozen) parameter counts for the release's named parts."""
+    groups = {
+        "vision_model": "vision_model.",
+        "mlp1": "mlp1.",
+        "language_model (LoRA)": "language_model.",
+        "text_hidden_fcs": "text_hidden_fcs.",
+        "sam2 image_encoder": "grounding_encoder.sam2_model.image_encoder.",
+        "sam2 sam_mask_decoder": "grounding_encoder.sam2_model.sam_mask_decoder.",
+        "sam2 other": "grounding_encoder.",
+    }
+    counts = {name: [0, 0] for name in groups}
+    counts["other"] = [0, 0]
+    for name, param in model.named_parameters():
+        group = next((g for g, prefix in groups.items() if name.startswith(prefix)), "other")
+        counts[group][0 if param.requires_grad else 1] += param.numel()
+    return [(name, t, f) for name, (t, f) in counts.items() if t + f > 0]
+
+
+def trained_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class SegInputs:
+    """Preprocessed images of a batch: what the frozen encoders take."""
+
+    vit_pixels: Tensor  # (total tiles, 3, vit, vit), ImageNet-normalised
+    tiles: list[int]  # tiles per sample
+    sam_pixels: Tensor  # (B, 3, sam, sam), normalised by the model's preprocess_image
+    sizes: list[tuple[int, int]]  # original (H, W) per sample
+
+
+def prepare_images(sa2va: Sa2VA, images: list[np.ndarray]) -> SegInputs:
+    """Turn uint8 RGB arrays into the ViT tiles and the SAM2 input, as predict_forward does."""
+    tiles, counts, sams = [], [], []
+    for image in images:
+        t = vit_tiles(image, sa2va.vit_size, sa2va.min_tiles,
+                      sa2va.max_tiles if sa2va.dynamic_tiles else 1, sa2va.use_thumbnail)
+        tiles.append(t)
+        counts.append(t.shape[0])
+        sams.append(sa2va.model.grounding_encoder.preprocess_image(sam_input(image, sa2va.sam_size)))
+    return SegInputs(
+        vit_pixels=torch.cat(tiles),
+        tiles=counts,
+        sam_pixels=torch.stack(sams),
+        sizes=[(int(im.shape[0]), int(im.shape[1])) for im in images],
+    )
+
+
+def prompt_ids(sa2va: Sa2VA, tiles: int, question: str, answer: str) -> list[int]:
+    """Token ids of template(<image>\\nquestion) + answer, <image> expanded to the image tokens."""
+    key = (tiles, question, answer)
+    if key not in sa2va.prompt_cache:
+        image_text = IMG_START + IMG_CONTEXT * (sa2va.num_image_token * tiles) + IMG_END
+        text = sa2va.template.format(input=f"<image>\n{question}").replace("<image>", image_text) + answer
+        ids = sa2va.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids.count(sa2va.seg_token_id) != 1:
+            raise UserError(f"the answer {answer!r} must hold exactly one [SEG] token")
+        if ids.count(sa2va.img_context_token_id) != sa2va.num_image_token * tiles:
+            raise UserError("the tokenizer split <IMG_CONTEXT> into several tokens: not a Sa2VA tokenizer")
+        sa2va.prompt_cache[key] = ids
+    return sa2va.prompt_cache[key]
+
+
+# --------------------------------------------------------------------------- the forward
+
+
+@dataclass
+class FrozenFeatures:
+    """Per-batch outputs of the frozen encoders (depend only on the image and frozen weights)."""
+
+    vit: Tensor  # (total tiles, num_image_token, C): after mlp1 when mlp1 is frozen, else before
+    high_res: list[Tensor]  # SAM2 high-res features, (B, C_i, H_i, W_i)
+    pix: Tensor  # (B, 256, h, w): lowest-res SAM2 features + no_mem_embed
+    tiles: list[int]
+    sizes: list[tuple[int, int]]
+
+    def select(self, indices: list[int]) -> "FrozenFeatures":
+        starts = np.concatenate([[0], np.cumsum(self.tiles)])
+        vit = torch.cat([self.vit[starts[i]:starts[i + 1]] for i in indices])
+        return FrozenFeatures(vit, [h[indices] for h in self.high_res], self.pix[indices],
+                              [self.tiles[i] for i in indices], [self.sizes[i] for i in indices])
+
+    def to(self, device: torch.device) -> "FrozenFeatures":
+        return FrozenFeatures(self.vit.to(device, non_blocking=True),
+                              [h.to(device, non_blocking=True) for h in self.high_res],
+                              self.pix.to(device, non_blocking=True), self.tiles, self.sizes)
+
+    @staticmethod
+    def cat(parts: list["FrozenFeatures"]) -> "FrozenFeatures":
+        return FrozenFeatures(
+            torch.cat([p.vit for p in parts]),
+            [torch.cat([p.high_res[i] for p in parts]) for i in range(len(parts[0].high_res))],
+            torch.cat([p.pix for p in parts]),
+            [t for p in parts for t in p.tiles],
+            [s for p in parts for s in p.sizes],
+        )
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def mlp1_trained(sa2va: Sa2VA) -> bool:
+    return any(p.requires_grad for p in sa2va.model.mlp1.parameters())
+
+
+@torch.no_grad()
+def encode_frozen(sa2va: Sa2VA, inputs: SegInputs) -> FrozenFeatures:
+    """ViT (+ mlp1 when frozen) and the SAM2 image encoder: steps 1-4 of the release's path."""
+    model = sa2va.model
+    vit_pixels = inputs.vit_pixels.to(sa2va.device, sa2va.dtype)
+    if mlp1_trained(sa2va):
+        # mlp1 trains, so the cache must hold what goes into it: run extract_feature without it.
+        with _swapped(model, "mlp1", nn.Identity()):
+            vit = model.extract_feature(vit_pixels)
+    else:
+        vit = model.extract_feature(vit_pixels)
+    sam2 = sa2va.sam2
+    images = inputs.sam_pixels.to(sa2va.device, sa2va.dtype)
+    feats = sam2.forward_image(images)
+    _, vision_feats, _, feat_sizes = sam2._prepare_backbone_features(feats)
+    batch = images.shape[0]
+    high_res = [
+        x.permute(1, 2, 0).reshape(batch, -1, h, w) for x, (h, w) in zip(vision_feats[:-1], feat_sizes[:-1])
+    ]
+    h, w = feat_sizes[-1]
+    pix = (vision_feats[-1] + sam2.no_mem_embed).permute(1, 2, 0).reshape(batch, -1, h, w)
+    return FrozenFeatures(vit, high_res, pix, list(inputs.tiles), list(inputs.sizes))
+
+
+def seg_logits(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: str) -> Tensor:
+    """The trainable part: LLM (teacher-forced) -> [SEG] state -> text_hidden_fcs -> SAM2 heads.
+
+    Returns low-res mask logits (B, 1, sam/4, sam/4). Runs with or without gradients.
+    """
+    model = sa2va.model
+    device = sa2va.device
+    batch = len(features.tiles)
+    sequences = [prompt_ids(sa2va, t, question, answer) for t in features.tiles]
+    length = max(len(s) for s in sequences)
+    pad = sa2va.tokenizer.pad_token_id or 0
+    input_ids = torch.full((batch, length), pad, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    for i, seq in enumerate(sequences):  # right padding keeps positions of real tokens 0..n-1
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+
+    lm = model.language_model
+    embeds = lm.get_input_embeddings()(input_ids)
+    vit = features.vit.to(device)
+    if mlp1_trained(sa2va):
+        vit = model.mlp1(vit)
+    image_mask = input_ids == sa2va.img_context_token_id
+    embeds = embeds.masked_scatter(image_mask[..., None], vit.reshape(-1, vit.shape[-1]).to(embeds.dtype))
+
+    # The decoder alone: the [SEG] state needs no vocabulary logits and no KV cache.
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
+    seg_pos = (input_ids == sa2va.seg_token_id).int().argmax(dim=1)
+    seg_hidden = hidden[torch.arange(batch, device=device), seg_pos]
+    seg_embedding = model.text_hidden_fcs(seg_hidden)  # only the [SEG] rows go through it
+
+    sam2 = sa2va.sam2
+    out = sam2._forward_sam_heads(
+        backbone_features=features.pix.to(device),
+        point_inputs=None,
+        mask_inputs=None,
+        high_res_features=[h.to(device) for h in features.high_res],
+        multimask_output=sam2._use_multimask(True, None),
+        language_embd=seg_embedding[:, None],
+    )
+    return out[3]
+
+
+def upsample_logits(low_res: Tensor, sam_size: int, size: tuple[int, int]) -> Tensor:
+    """Low-res logits (N, 1, h, w) -> (N, 1, H, W) as predict_forward does: bilinear to the
+    SAM2 input size, then bilinear to the original image size."""
+    x = F.interpolate(low_res.float(), size=(sam_size, sam_size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def autocast(sa2va: Sa2VA) -> contextlib.AbstractContextManager:
+    if sa2va.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    sa2va: Sa2VA, images: list[np.ndarray], batch_size: int = 4,
+    question: str = "Please segment the blood vessels.", answer: str = "It is [SEG].",
+) -> list[np.ndarray]:
+    """Foreground probability (float32, H x W at each image's size) from the training forward."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        with autocast(sa2va):
+            features = encode_frozen(sa2va, prepare_images(sa2va, chunk))
+            low = seg_logits(sa2va, features, question, answer)
+        for i, size in enumerate(features.sizes):
+            prob = torch.sigmoid(upsample_logits(low[i : i + 1], sa2va.sam_size, size))[0, 0]
+            out.append(prob.float().cpu().numpy())
+    return out
+
+
+class SegPolicy(nn.Module):
+    """The trained part of Sa2VA as one module, so DDP/FSDP can wrap exactly what trains.
+
+    Its children are the model's own modules (shared, not copied); forward is `seg_logits`.
+    Frozen modules used only by `encode_frozen` (ViT, SAM2 image encoder) are not children,
+    so FSDP never shards them and DDP never sees them.
+    """
+
+    # Policy child name -> name of the same module inside the Sa2VA model.
+    MODEL_PREFIX = {
+        "language_model.": "language_model.",
+        "text_hidden_fcs.": "text_hidden_fcs.",
+        "mask_decoder.": "grounding_encoder.sam2_model.sam_mask_decoder.",
+        "mlp1.": "mlp1.",
+    }
+
+    def __init__(self, sa2va: Sa2VA, question: str, answer: str):
+        super().__init__()
+        self.language_model = sa2va.model.language_model
+        self.text_hidden_fcs = sa2va.model.text_hidden_fcs
+        self.mask_decoder = sa2va.sam2.sam_mask_decoder
+        if mlp1_trained(sa2va):
+            self.mlp1 = sa2va.model.mlp1
+        self._sa2va = [sa2va]  # a list hides it from nn.Module's registry
+        self.question, self.answer = question, answer
+
+    def forward(self, features: FrozenFeatures) -> Tensor:
+        return seg_logits(self._sa2va[0], features, self.question, self.answer)
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The LLM's transformer blocks (FSDP2 shards each one separately)."""
+        for module in self.language_model.modules():
+            layers = getattr(module, "layers", None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                return list(layers)
+        return []
+
+    @classmethod
+    def to_model_name(cls, name: str) -> str:
+        for prefix, target in cls.MODEL_PREFIX.items():
+            if name.startswith(prefix):
+                return target + name[len(prefix):]
+        raise KeyError(name)
+
+    @classmethod
+    def from_model_name(cls, name: str) -> str:
+        for prefix, target in cls.MODEL_PREFIX.items():
+            if name.startswith(target):
+                return prefix + name[len(target):]
+        raise KeyError(name)
