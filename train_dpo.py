@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from sa2va.model import (
     add_lora_and_freeze,
     autocast,
     encode_frozen,
+    freeze_unreachable,
     load_sa2va,
     parameter_table,
     prepare_images,
@@ -231,6 +234,11 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     if cfg.data.val_root:
         val = load_validation(cfg, sa2va, info)
 
+    unreachable = freeze_unreachable(policy, batch_features([0]), sa2va)
+    if unreachable:
+        groups = sorted({n.rsplit(".", 2)[0] for n in unreachable})
+        log0(info, f"frozen, no mask loss reaches them: {', '.join(groups)}")
+
     # 4. Wrap what trains.
     wrapped = dist.wrap_policy(policy, cfg.dist.strategy, info, policy.decoder_layers())
     if cfg.train.activation_checkpointing:
@@ -352,6 +360,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
                                     f"(train.max_bad_steps); lower optim.lr or check the data; checkpoints "
                                     f"in {out / 'checkpoints'} are intact")
             optimizer.zero_grad(set_to_none=True)
+            lr_used = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
 
@@ -361,7 +370,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             record["grad_norm"] = float(grad_norm) if finite else float("nan")
             record = dist.all_reduce_mean(record, info.device)
             elapsed = time.perf_counter() - started
-            record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+            record.update(step=step, epoch=epoch, lr=lr_used,
                           samples_per_s=n_samples * info.world_size / elapsed, skipped_steps=skipped_total)
             if info.device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -382,6 +391,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             advance(1, info=f"loss {record['loss']:.4f}")
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
                 save(step)
+            if os.environ.get("SA2VA_DPO_KILL_AT_STEP") == str(step):  # fault injection for the tests
+                os.kill(os.getpid(), signal.SIGKILL)
 
     # 6. Final checkpoint, held-out Dice, and the merged HF export.
     if val is not None:

@@ -157,3 +157,26 @@ def export_hf(sa2va: Any, out: str | Path, overwrite: bool = False) -> Path:
 def _is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin")) or name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
+
+
+def load_for_inference(path: str | Path, trust_remote_code: bool, device: str = "auto", dtype: str = "auto"):
+    """An HF Sa2VA folder (original or exported), or a training checkpoint over its base model.
+
+    A training checkpoint is recognised by trained.safetensors + config.yaml; its base model
+    is `model.path` of the config it was trained with.
+    """
+    from .config import load_config
+    from .model import add_lora_and_freeze, load_sa2va
+
+    p = Path(path)
+    if not is_training_checkpoint(p):
+        if (p / "checkpoints").is_dir() and not (p / "config.json").is_file():
+            hint = " (it looks like a training output folder: pass OUT/final or OUT/checkpoints/step_N)"
+            raise UserError(f"{p} is neither a model folder nor a training checkpoint{hint}")
+        return load_sa2va(p, trust_remote_code, device=device, dtype=dtype)
+    cfg = load_config(p / "config.yaml")
+    sa2va = load_sa2va(cfg.model.path, trust_remote_code or cfg.model.trust_remote_code, device=device, dtype=dtype)
+    add_lora_and_freeze(sa2va, cfg.lora, cfg.train_modules)
+    apply_trained(sa2va.model, load_trained(p), p)
+    sa2va.model.requires_grad_(False)
+    return sa2va

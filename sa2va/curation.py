@@ -101,10 +101,10 @@ def drop_thin(mask: np.ndarray, strength: int = 1) -> np.ndarray:
     return mask & ndimage.binary_dilation(opened, structure=_CROSS, iterations=1)
 
 
-def break_vessels(mask: np.ndarray, rng: np.random.Generator, every: int = 60,
+def break_vessels(mask: np.ndarray, rng: np.random.Generator, every: int = 25,
                   extra: tuple[float, float] = (1.5, 3.5)) -> np.ndarray:
     """Cut vessels at random points of their centre line (one cut per `every` skeleton pixels,
-    at least 3). Each cut is a disc whose radius is the vessel's local half-width plus a random
+    at least 3; on the synthetic vessels that removes about 17% of the mask). Each cut is a disc whose radius is the vessel's local half-width plus a random
     1.5-3.5 px, so it always severs the vessel across its whole width."""
     from skimage.morphology import skeletonize
 
@@ -236,6 +236,15 @@ def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def check_data_folder(data: Path) -> None:
+    """The data folder exists and holds images/ and masks/."""
+    if not data.is_dir():
+        raise UserError(f"data folder {data} does not exist")
+    for name in ("images", "masks"):
+        if not (data / name).is_dir():
+            raise UserError(f"data folder {data} has no {name}/ folder (expected images/ and masks/)")
+
+
 def discover(data: Path, skip_bad: bool = False) -> tuple[list[Sample], list[Skipped], list[str]]:
     """Find and check every image of DATA/images with its mask (and given rejected mask, FOV).
 
@@ -244,13 +253,8 @@ def discover(data: Path, skip_bad: bool = False) -> tuple[list[Sample], list[Ski
     or with skip_bad is recorded and the image left out. Returns (samples, skipped, ignored
     files in images/ that are not images).
     """
-    if not data.is_dir():
-        raise UserError(f"data folder {data} does not exist")
+    check_data_folder(data)
     images_dir = data / "images"
-    masks_dir = data / "masks"
-    for folder in (images_dir, masks_dir):
-        if not folder.is_dir():
-            raise UserError(f"data folder {data} has no {folder.name}/ folder (expected images/ and masks/)")
     root = data.resolve()
     files = sorted(p for p in images_dir.iterdir() if not p.name.startswith("."))
     ignored = [_rel(data, p) for p in files if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file()]
@@ -291,7 +295,7 @@ def _check_sample(data: Path, root: Path, stem: str, paths: list[Path]) -> Sampl
     image = _checked(lambda: read_rgb(data / image_rel), image_rel)
     height, width = image.shape[:2]
     if not (data / mask_rel).is_file():
-        raise _BadFile(f"image {data / image_rel} has no mask {data / mask_rel}", image_rel)
+        raise _BadFile(f"image {data / image_rel} has no mask {data / mask_rel}", mask_rel)
     _checked(lambda: safe_join(root, mask_rel, f"mask {mask_rel}"), mask_rel)
     gt = _checked(lambda: read_mask(data / mask_rel), mask_rel)
     _same_size(data, gt, mask_rel, image_rel, (height, width))
@@ -648,10 +652,12 @@ def write_outputs(result: Curation, out: Path, stage: Path, report: dict[str, An
             if any(t == i or i in t.parents for i in inputs):  # pragma: no cover - names are fixed
                 raise UserError(f"refusing to write {t}: it is an input")
         (out / ANNOTATIONS).unlink(missing_ok=True)
+        if staged_curated.is_dir():
+            _open_modes(staged_curated)
         _swap_dir(staged_curated if staged_curated.is_dir() else None, out / CURATED_DIR)
-        write_json(out / HOLDOUT, holdout_record(result))
-        write_json(out / REPORT, report)
-        write_json(out / ANNOTATIONS, pairs)
+        for name, obj in ((HOLDOUT, holdout_record(result)), (REPORT, report), (ANNOTATIONS, pairs)):
+            write_json(out / name, obj)
+            _open_modes(out / name)
         return
     # out != data: stage the copies too, then move the whole folder into place
     by_id = {s.id: s for s in result.samples}
@@ -672,7 +678,17 @@ def write_outputs(result: Curation, out: Path, stage: Path, report: dict[str, An
     write_json(stage / HOLDOUT, holdout_record(result))
     write_json(stage / REPORT, report)
     write_json(stage / ANNOTATIONS, pairs)
+    _open_modes(stage)
     _swap_dir(stage, out)
+
+
+def _open_modes(root: Path) -> None:
+    """Temporary files and folders are created private (0600/0700); give outputs normal modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [root] + (list(root.rglob("*")) if root.is_dir() else [])
+    for path in paths:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _swap_dir(new: Path | None, dest: Path) -> None:
@@ -691,11 +707,7 @@ def make_stage(out: Path, same_as_data: bool) -> Path:
     parent = out if same_as_data else out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.curate.", suffix=".tmp", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes 0700; the output folder should not be
-        return stage
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.curate.", suffix=".tmp", dir=parent))
     except OSError as err:
         raise UserError(f"cannot write to {parent}: {err.strerror}") from err
 

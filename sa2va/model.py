@@ -552,3 +552,24 @@ class SegPolicy(nn.Module):
             if name.startswith(target):
                 return prefix + name[len(target):]
         raise KeyError(name)
+
+
+def freeze_unreachable(policy: SegPolicy, features: FrozenFeatures, sa2va: Sa2VA) -> list[str]:
+    """Freeze trained parameters that no mask loss can reach, and return their names.
+
+    SAM2's IoU head and object-score head only pick or gate masks (argmax, > 0): no gradient
+    flows to them from a loss on the mask logits. Training them would be a no-op, and DDP
+    would wait for their gradients forever. One probe backward finds them on any checkpoint.
+    """
+    devices = [sa2va.device] if sa2va.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the probe must not move the RNG streams
+        with autocast(sa2va):
+            logits = policy(features)
+        logits.float().sum().backward()
+    unreachable = []
+    for name, param in policy.named_parameters():
+        if param.requires_grad and param.grad is None:
+            param.requires_grad_(False)
+            unreachable.append(name)
+        param.grad = None
+    return unreachable

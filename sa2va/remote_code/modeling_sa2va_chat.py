@@ -10,7 +10,7 @@ the model's dtype).
 
 from __future__ import annotations
 
-import math
+import copy
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
@@ -273,21 +272,16 @@ class Sa2VAChatModel(PreTrainedModel):
                 pixel_values = pixel_values[image_flags.reshape(-1) == 1]
             vit_embeds = self.extract_feature(pixel_values)
             inputs_embeds = self._splice_image_embeds(input_ids, inputs_embeds, vit_embeds)
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=labels,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        return CausalLMOutputWithPast(
-            loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, attentions=out.attentions,
-        )
+        lm_kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "labels": labels, "return_dict": True}
+        optional = {
+            "position_ids": position_ids,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+            "output_attentions": output_attentions,
+            "output_hidden_states": output_hidden_states,
+        }
+        lm_kwargs.update({k: v for k, v in optional.items() if v is not None})
+        return self.language_model(**lm_kwargs)  # a CausalLMOutputWithPast
 
     @torch.no_grad()
     def generate(
@@ -305,11 +299,18 @@ class Sa2VAChatModel(PreTrainedModel):
         if pixel_values is not None or visual_features is not None:
             vit_embeds = visual_features if visual_features is not None else self.extract_feature(pixel_values)
             inputs_embeds = self._splice_image_embeds(input_ids, inputs_embeds, vit_embeds)
+        if generation_config is not None:
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.output_hidden_states = bool(output_hidden_states)
+            generation_config.return_dict_in_generate = True
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                generation_config=generation_config, **generate_kwargs,
+            )
         return self.language_model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            generation_config=generation_config,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=bool(output_hidden_states),
             return_dict_in_generate=True,
             **generate_kwargs,
         )

@@ -1,0 +1,55 @@
+"""Shared fixtures: the tiny Sa2VA checkpoint and a small synthetic pair folder, made once."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# Keep the two CI cores for the test processes themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sa2va.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> Path:
+    """8 synthetic 128 px images; rejected = the ground truth dilated (a plausible bad mask)."""
+    from sa2va.fileio import read_mask, write_mask
+    from sa2va.synth import write_dataset
+
+    root = write_dataset(tmp_path_factory.mktemp("data") / "pairs", n=8, size=128, seed=1)
+    pairs = []
+    for image in sorted((root / "images").glob("*.png")):
+        mask = read_mask(root / "masks" / image.name)
+        write_mask(root / "rejected_masks" / image.name, ndimage.binary_dilation(mask, iterations=2))
+        pairs.append({"image": f"images/{image.name}", "chosen_mask": f"masks/{image.name}",
+                      "rejected_mask": f"rejected_masks/{image.name}"})
+    (root / "dpo_annotations.json").write_text(json.dumps(pairs))
+    return root
+
+
+def run_ok(cmd: list[str], **kw) -> str:
+    """Run a command from the repo root; on failure show its output."""
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+def trained_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "trained.safetensors"))
