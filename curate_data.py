@@ -99,6 +99,11 @@ def resolve_data(args: argparse.Namespace) -> Path:
 
 
 def resolve_sources(args: argparse.Namespace, data: Path) -> tuple[str, ...]:
+    default_model = Path(load_config(DEFAULT_CONFIG).model.path)
+    if args.model is None and not args.rejected and not (data / "rejected_masks").is_dir() and default_model.is_dir():
+        # The mission's bare command: the default config's model makes the rejected masks.
+        args.model = str(default_model)
+        print(f"no --model given: using model.path of {_shown(DEFAULT_CONFIG)}: {default_model}")
     if args.rejected:
         sources = tuple(dict.fromkeys(args.rejected))
     else:

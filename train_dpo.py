@@ -213,7 +213,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     # they are computed once here (before any step, so the LoRA B matrices are still zero
     # and text_hidden_fcs / mask decoder are their starting copies).
     ref_logits: list[torch.Tensor] | None = None
-    if cfg.loss.mask_dpo > 0:
+    # Also for dice_dpo: the rewards and KL are how a user sees what preference training did.
+    if cfg.loss.mask_dpo > 0 or cfg.loss.dice_dpo > 0:
         ref_file = out / "reference_logits.pt"
         if resume and ref_file.is_file():
             ref_logits = list(torch.load(ref_file, map_location="cpu", weights_only=True))
@@ -240,9 +241,12 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         log0(info, f"frozen, no mask loss reaches them: {', '.join(groups)}")
 
     # 4. Wrap what trains.
-    wrapped = dist.wrap_policy(policy, cfg.dist.strategy, info, policy.decoder_layers())
     if cfg.train.activation_checkpointing:
         sa2va.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        for layer in policy.decoder_layers():  # per layer: one graph reused 24-48 times, quick to compile
+            layer.compile()
+    wrapped = dist.wrap_policy(policy, cfg.dist.strategy, info, policy.decoder_layers())
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     fused = cfg.optim.fused and info.device.type == "cuda"
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,

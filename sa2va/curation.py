@@ -714,7 +714,8 @@ def make_stage(out: Path, same_as_data: bool) -> Path:
 
 __all__ = [
     "ANNOTATIONS", "CURATED_DIR", "HOLDOUT", "PERTURBATIONS", "REPORT", "SOURCES", "Candidate", "Curation",
-    "Options", "Sample", "Skipped", "annotations", "break_vessels", "build_report", "curate", "dice",
+    "Options", "Sample", "Skipped", "annotations", "break_vessels", "build_report", "check_data_folder",
+    "curate", "dice",
     "dilate", "discover", "drop_thin", "erode", "gap", "histogram", "holdout_record", "judge",
     "make_stage", "perturb", "plan_output", "read_holdout_ids", "rejected_candidates", "select_max",
     "split_holdout", "text_histogram", "write_outputs",

@@ -503,14 +503,15 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 def summary_table(title: str, summary: dict[str, dict[str, Any]]):
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", caption="components error: lower is better",
+                  caption_justify="left")
     for col in ("metric", "mean", "95% CI", "median", "std", "pooled"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
+        table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
     for m in METRICS:
         s = summary[m]
-        label = DISPLAY_NAMES.get(m, m) + (" (lower is better)" if m in LOWER_IS_BETTER else "")
-        table.add_row(label, _fmt(s["mean"]), f"{_fmt(s['ci_low'])} to {_fmt(s['ci_high'])}",
-                      _fmt(s["median"]), _fmt(s["std"]), _fmt(s["pooled"]))
+        d = 2 if m in LOWER_IS_BETTER else 4  # a count error needs no four decimals
+        table.add_row(DISPLAY_NAMES.get(m, m), _fmt(s["mean"], d), f"{_fmt(s['ci_low'], d)} to {_fmt(s['ci_high'], d)}",
+                      _fmt(s["median"], d), _fmt(s["std"], d), _fmt(s["pooled"], d))
     return table
 
 
@@ -592,26 +593,39 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, info: Any, say: Callable[..., None], console: Any) -> int:
-    import torch
-
-    from .distributed import all_gather_objects
+    from .model import check_model_folder
 
     # Everything that can be refused is refused before the model is loaded.
-    error = None
+    error, created = None, False
     try:
         model, trust_cfg = resolve_model(args.model, say)
         opts = _options(args, model, trust_cfg)
+        check_model_folder(_model_code_folder(model))
         entries, selection = select_images(opts.data, opts.all_images)
-        if info.is_main:
-            check_writable_dir(opts.out)
         if "generate" in opts.paths and info.device.type == "cpu" and predict_forward_needs_cuda(model):
             raise UserError(f"--path {opts.mode}: this model's predict_forward hard-codes CUDA (.cuda()) and "
                             "cannot run on CPU; use --path forward on CPU, or run on a GPU")
+        if info.is_main:
+            created = not opts.out.exists()
+            check_writable_dir(opts.out)
     except UserError as err:
         error = str(err)
-    error = _gather_error(error)
-    if error:
-        raise UserError(error)
+    try:
+        error = _gather_error(error)
+        if error:
+            raise UserError(error)
+        return _run(opts, entries, selection, info, say, console)
+    except BaseException:
+        if created and opts.out.is_dir() and not any(opts.out.iterdir()):
+            opts.out.rmdir()  # a failed run leaves no empty output folder behind
+        raise
+
+
+def _run(opts: EvalOptions, entries: list[ImageEntry], selection: str, info: Any, say: Callable[..., None],
+         console: Any) -> int:
+    import torch
+
+    from .distributed import all_gather_objects
 
     say(selection)
     mine = shard(entries, info.rank, info.world_size)
@@ -732,7 +746,7 @@ def run_compare(args: argparse.Namespace) -> int:
              if a.get(key) != b.get(key)]
     console.print(compare_table(comparisons, name_a, name_b, a["_file"], b["_file"]))
     for m in metrics:
-        console.print(f"{DISPLAY_NAMES.get(m, m)}: {comparisons[m]['sentence']}")
+        console.print(comparisons[m]["sentence"])
     for note in notes:
         console.print(f"note: {note}")
     if args.json:
@@ -745,16 +759,17 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def compare_table(comparisons: dict[str, dict[str, Any]], name_a: str, name_b: str, file_a: str, file_b: str):
+    from rich import box
     from rich.table import Table
 
     n = next(iter(comparisons.values()))["n"]
-    table = Table(title=f"paired comparison on {n} images: A = {file_a}, B = {file_b}", title_justify="left")
-    for col in ("metric", f"mean {name_a}", f"mean {name_b}", "B - A", "95% CI", "Wilcoxon p", "n needed", "verdict"):
-        table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
+    table = Table(title=f"paired comparison on {n} images\nA = {name_a} ({file_a})\nB = {name_b} ({file_b})",
+                  title_justify="left", box=box.SIMPLE_HEAD, caption="p: two-sided Wilcoxon signed-rank; CI: paired "
+                  "bootstrap of the mean difference; *: significant (p < 0.05 and the CI excludes 0)", caption_justify="left")
+    for col in ("metric", "mean A", "mean B", "B - A", "95% CI", "p", ""):
+        table.add_column(col, justify="left" if col in ("metric", "") else "right", no_wrap=True)
     for m, c in comparisons.items():
-        verdict = "significant" if c["significant"] else ("identical" if c["mean_diff"] == 0 and c["p"] == 1.0
-                                                          else "not detectable")
+        mark = "*" if c["significant"] else ""
         table.add_row(DISPLAY_NAMES.get(m, m), _fmt(c["mean_a"]), _fmt(c["mean_b"]), f"{c['mean_diff']:+.4f}",
-                      f"{c['ci_low']:+.4f} to {c['ci_high']:+.4f}", f"{c['p']:.3g}",
-                      "-" if c["n_needed"] is None else str(c["n_needed"]), verdict)
+                      f"{c['ci_low']:+.4f} to {c['ci_high']:+.4f}", f"{c['p']:.2g}", mark)
     return table

@@ -405,6 +405,11 @@ def mlp1_trained(sa2va: Sa2VA) -> bool:
 @torch.no_grad()
 def encode_frozen(sa2va: Sa2VA, inputs: SegInputs) -> FrozenFeatures:
     """ViT (+ mlp1 when frozen) and the SAM2 image encoder: steps 1-4 of the release's path."""
+    return encode_images(sa2va, inputs)
+
+
+def encode_images(sa2va: Sa2VA, inputs: SegInputs) -> FrozenFeatures:
+    """`encode_frozen` with gradients allowed (the baseline builder trains the image encoder)."""
     model = sa2va.model
     vit_pixels = inputs.vit_pixels.to(sa2va.device, sa2va.dtype)
     if mlp1_trained(sa2va):

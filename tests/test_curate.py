@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -463,13 +462,10 @@ def _have(module: str) -> bool:
 
 
 @pytest.mark.skipif(not (_have("sa2va.tiny") and _have("sa2va.model")), reason="sa2va.tiny / sa2va.model not there yet")
-def test_model_source_with_the_tiny_checkpoint(tmp_path):
-    from sa2va import tiny
+def test_model_source_with_the_tiny_checkpoint(tmp_path, tiny_model):
     from sa2va.synth import write_dataset
 
-    kwargs = {"warmup": False} if "warmup" in inspect.signature(tiny.write_tiny_checkpoint).parameters else {}
-    model = tmp_path / "tiny"
-    tiny.write_tiny_checkpoint(model, seed=0, **kwargs)
+    model = tiny_model  # the session's tiny checkpoint (tests/conftest.py); only read here
     data = write_dataset(tmp_path / "d", 4, size=64, seed=0)
     r = cli("--data", str(data), "--min-gap", "0.0", "--model", str(model), "--trust-remote-code",
             "--device", "cpu", "--thresholds", "0.3,0.5,0.7", "--batch-size", "2", "--out", str(tmp_path / "o"))

@@ -350,3 +350,19 @@ def test_tiny_checkpoint_has_exactly_the_five_release_decorators(tiny_sam2):
     assert "stripped 5 decorator(s)" in out.stdout
     assert find_grad_decorators((tiny_sam2 / "sam2.py").read_text()) == []
     assert run_cli(str(tiny_sam2), "--check").returncode == 0
+
+
+def test_symlinked_sam2_is_replaced_not_followed(tmp_path):
+    # huggingface_hub snapshots link sam2.py to a content-addressed blob: the blob must not change
+    blob = tmp_path / "blobs" / "abc123"
+    blob.parent.mkdir()
+    blob.write_text(TRICKY)
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "sam2.py").symlink_to(blob)
+    out = run_cli(str(folder))
+    assert out.returncode == 0, out.stderr
+    assert blob.read_text() == TRICKY
+    assert not (folder / "sam2.py").is_symlink()
+    assert (folder / "sam2.py").read_text() == strip_grad_decorators(TRICKY)[0]
+    assert (folder / "sam2.py.orig").read_text() == TRICKY
