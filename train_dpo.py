@@ -196,18 +196,24 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     size = None if cfg.loss.resolution == "full" else low
     chosen = [masks_to_tensor([s["chosen"]], size)[0] for s in samples]
     rejected = [masks_to_tensor([s["rejected"]], size)[0] for s in samples]
-    images = [s["image"] for s in samples]
+    # Several pairs often share an image (rejected masks at several thresholds): encode it once.
+    image_paths = [str(e.image) for e in entries]
+    unique_paths = list(dict.fromkeys(image_paths))
+    position = {p: i for i, p in enumerate(unique_paths)}
+    image_of_pair = [position[p] for p in image_paths]
+    first_pair = {image_of_pair[i]: i for i in reversed(range(len(samples)))}
+    images = [samples[first_pair[u]]["image"] for u in range(len(unique_paths))]
 
     # 3. Frozen work once (every rank encodes every image: no traffic, and ranks see all
     #    images across epochs). With cache_frozen=false the encoders rerun every step.
     batch = cfg.train.micro_batch_size
-    features = encode_all(sa2va, images, max(batch, 4), info, "pairs") if cfg.train.cache_frozen else None
+    features = encode_all(sa2va, images, max(batch, 4), info, "images") if cfg.train.cache_frozen else None
 
     def batch_features(indices: list[int]) -> FrozenFeatures:
         if features is not None:
-            return FrozenFeatures.cat([features[i] for i in indices]).to(sa2va.device)
+            return FrozenFeatures.cat([features[image_of_pair[i]] for i in indices]).to(sa2va.device)
         with autocast(sa2va):
-            return encode_frozen(sa2va, prepare_images(sa2va, [images[i] for i in indices]))
+            return encode_frozen(sa2va, prepare_images(sa2va, [images[image_of_pair[i]] for i in indices]))
 
     # The reference policy is the starting model; its logits depend only on the pair, so
     # they are computed once here (before any step, so the LoRA B matrices are still zero
@@ -219,10 +225,12 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         if resume and ref_file.is_file():
             ref_logits = list(torch.load(ref_file, map_location="cpu", weights_only=True))
         else:
+            # The reference logits depend on the image only (chosen/rejected are not inputs).
             ref_logits = []
+            first_pairs = [first_pair[u] for u in range(len(images))]
             with progress(info, "reference logits", len(images)) as advance, torch.no_grad():
                 for start in range(0, len(images), max(batch, 4)):
-                    idx = list(range(start, min(start + max(batch, 4), len(images))))
+                    idx = first_pairs[start : start + max(batch, 4)]
                     with autocast(sa2va):
                         z = policy(batch_features(idx)).float().cpu()
                     ref_logits.extend(z[i] for i in range(len(idx)))
@@ -331,7 +339,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
                         z = loss_targets(logits[j : j + 1], [chosen[i]], sa2va, cfg.loss.resolution)[0]
                         zref = None
                         if ref_logits is not None:
-                            zref = loss_targets(ref_logits[i][None].to(sa2va.device), [chosen[i]], sa2va,
+                            zref = loss_targets(ref_logits[image_of_pair[i]][None].to(sa2va.device), [chosen[i]], sa2va,
                                                 cfg.loss.resolution)[0]
                         w = chosen[i][None].to(sa2va.device)
                         l = rejected[i][None].to(sa2va.device)

@@ -37,7 +37,6 @@ from .errors import UserError
 from .fileio import atomic_dir, check_writable_dir, write_json, write_mask, write_png, write_text
 from .metrics import DISPLAY_NAMES, LOWER_IS_BETTER, METRICS, image_metrics, paired_compare, summarize
 
-PATHS = ("forward", "generate")
 COUNT_KEYS = ("tp", "fp", "fn", "tn", "skel_pred", "skel_pred_in_gt", "skel_gt", "skel_gt_in_pred",
               "components_pred", "components_gt")
 HOLDOUT_FILE = "holdout.json"
@@ -176,18 +175,18 @@ def read_holdout(file: Path) -> list[str]:
     return ids
 
 
-def select_images(data: Path, all_images: bool) -> tuple[list[ImageEntry], str]:
-    """The images to score, and a sentence saying which."""
+def select_images(data: Path, all_images: bool) -> tuple[list[ImageEntry], str, str]:
+    """The images to score, where the list came from ("holdout.json" or "all"), and a sentence."""
     if not data.is_dir():
         raise UserError(f"data folder {data} does not exist")
     holdout = data / HOLDOUT_FILE
     if holdout.is_file() and not all_images:
         ids = read_holdout(holdout)
         entries = list_image_folder(data, need_masks=True, ids=ids)
-        return entries, (f"{data / HOLDOUT_FILE} found: evaluating only its {len(entries)} held-out images "
-                         "(--all-images scores every image)")
+        return entries, HOLDOUT_FILE, (f"{data / HOLDOUT_FILE} found: evaluating only its {len(entries)} "
+                                       "held-out images (--all-images scores every image)")
     entries = list_image_folder(data, need_masks=True)
-    return entries, f"evaluating all {len(entries)} images of {data / 'images'}"
+    return entries, "all", f"evaluating all {len(entries)} images of {data / 'images'}"
 
 
 def shard(entries: list[ImageEntry], rank: int, world: int) -> list[ImageEntry]:
@@ -443,8 +442,8 @@ def build_results(opts: EvalOptions, names: list[str], selection: str, rows: dic
         }
     head = paths_block[opts.headline]
     results: dict[str, Any] = {
-        "model": str(opts.model),
-        "data": str(opts.data),
+        "model": str(opts.model.resolve()),
+        "data": str(opts.data.resolve()),
         "selection": selection,
         "path": opts.mode,
         "headline": opts.headline,
@@ -522,8 +521,10 @@ def print_results(console: Any, results: dict[str, Any], opts: EvalOptions, writ
         console.print(summary_table(f"{p} path{tag}: {n} images, {opts.model}", results["paths"][p]["metrics"]))
     if "agreement" in results:
         a = results["agreement"]
-        console.print(f"path agreement: mean Dice {a['mean_dice']:.4f} (min {a['min_dice']:.4f} on "
-                      f"{a['min_dice_image']}), identical masks on {a['identical_images']}/{n} images")
+        differing = sum(v["differing_pixels"] for v in a["per_image"].values())
+        console.print(f"path agreement (forward vs generate masks): mean Dice {a['mean_dice']:.6f}, min "
+                      f"{a['min_dice']:.6f} ({a['min_dice_image']}); identical masks on {a['identical_images']}/{n} "
+                      f"images, {differing} differing pixels in all")
     if "generation" in results:
         g = results["generation"]
         console.print(f"[SEG] generated on {round(g['fraction_with_seg'] * n)}/{n} images")
@@ -601,7 +602,7 @@ def _evaluate(args: argparse.Namespace, info: Any, say: Callable[..., None], con
         model, trust_cfg = resolve_model(args.model, say)
         opts = _options(args, model, trust_cfg)
         check_model_folder(_model_code_folder(model))
-        entries, selection = select_images(opts.data, opts.all_images)
+        entries, selection, sentence = select_images(opts.data, opts.all_images)
         if "generate" in opts.paths and info.device.type == "cpu" and predict_forward_needs_cuda(model):
             raise UserError(f"--path {opts.mode}: this model's predict_forward hard-codes CUDA (.cuda()) and "
                             "cannot run on CPU; use --path forward on CPU, or run on a GPU")
@@ -614,6 +615,7 @@ def _evaluate(args: argparse.Namespace, info: Any, say: Callable[..., None], con
         error = _gather_error(error)
         if error:
             raise UserError(error)
+        say(sentence)
         return _run(opts, entries, selection, info, say, console)
     except BaseException:
         if created and opts.out.is_dir() and not any(opts.out.iterdir()):
@@ -627,7 +629,6 @@ def _run(opts: EvalOptions, entries: list[ImageEntry], selection: str, info: Any
 
     from .distributed import all_gather_objects
 
-    say(selection)
     mine = shard(entries, info.rank, info.world_size)
     if info.world_size > 1:
         say(f"{info.world_size} processes: rank r scores images i % {info.world_size} == r "

@@ -55,9 +55,12 @@ def names(data) -> list[str]:
 
 @pytest.fixture(scope="module")
 def forward_run(tiny_model, data, tmp_path_factory) -> Path:
+    # Batch size 1: sharding then cannot change what any image is computed with, so the torchrun test
+    # can demand byte-identical files. (Batches of other sizes change float rounding at the 1e-7
+    # level, and the tiny model's probabilities all sit within 0.003 of the threshold.)
     out = tmp_path_factory.mktemp("eval") / "forward"
     run_ok(EVAL + ["--model", str(tiny_model), "--data", str(data), "--out", str(out), "--trust-remote-code",
-                   "--save-masks", "--overlays", "2"])
+                   "--save-masks", "--overlays", "2", "--batch-size", "1"])
     return out
 
 
@@ -200,7 +203,7 @@ def test_two_process_torchrun_gives_the_same_numbers(tiny_model, data, forward_r
     out = tmp_path / "dist"
     run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
             "--model", str(tiny_model), "--data", str(data), "--out", str(out), "--trust-remote-code",
-            "--save-masks"])
+            "--save-masks", "--batch-size", "1"])
     assert (out / "per_image.csv").read_text() == (forward_run / "per_image.csv").read_text()
     one = json.loads((forward_run / "results.json").read_text())
     two = json.loads((out / "results.json").read_text())

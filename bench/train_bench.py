@@ -1,0 +1,856 @@
+"""Benchmark of the suite's training step and evaluation paths on the real Sa2VA shapes (issue 7).
+
+    # CPU smoke run (the tiny preset):
+    python bench/train_bench.py --device cpu --plan "tiny=eval,naive,opt" --steps 2 --warmup 1
+    # GPU: single-GPU variants on rank 0, then DDP / FSDP2 across all ranks:
+    torchrun --nproc_per_node 2 bench/train_bench.py --device cuda \
+        --plan "1b=eval,naive,opt,compile 4b=... 26b=...,ddp,fsdp" --out results.json
+
+Each preset (sa2va.tiny.PRESETS: tiny, 1b, 4b, 26b) is built with random weights from its config
+(AutoConfig + AutoModel.from_config, trust_remote_code, bf16 on CUDA) and driven through the
+suite's own functions: prepare_images / encode_frozen (frozen ViT + SAM2 image encoder),
+SegPolicy -> seg_logits (LLM decoder -> [SEG] -> text_hidden_fcs -> SAM2 heads),
+train_dpo.loss_targets + losses.combined_loss (the v8 recipe: dice_dpo 1.0 + dice 1.0, logits
+upsampled to the image), distributed.wrap_policy / no_grad_sync, AdamW; and for evaluation
+model.predict_probabilities (forward path) and evaluation.generate_mask (predict_forward).
+One training step is what train_dpo.py's loop does for one optimizer step: grad_accum
+micro-batches, each (features -> policy forward -> per-sample loss -> backward), then clip,
+the finite check, AdamW.
+
+Plan tokens (per preset; eager ones run first, then compiled, then multi-GPU):
+  eval      forward path (predict_probabilities, batched) vs generate path (predict_forward,
+            one image at a time), images/s and per-image mask Dice between the two
+  naive     encoders recomputed every step, micro-batch 1, a separate reference forward per pair
+  opt       encoders cached, micro-batch --micro-batch, cached reference logits (eager)
+  nocache / mb1 / refsep / fullvocab / foreach / ckpt / nosync
+            opt minus one optimisation (or plus activation checkpointing, or minus the suite
+            loop's per-sample host syncs of the logged metrics)
+  compile   opt with each LLM decoder layer torch.compile'd (train.compile=true)
+  ddp       compile (or opt with --no-ddp-compile) under DDP on every rank
+  fsdp      opt under FSDP2 (fully_shard per decoder layer + the policy) on every rank
+FLOPs (sa2va.perf.count_flops) are counted once per preset; the ratio naive/optimised and the
+DDP scaling are computed from the same run. Results go to --out (JSON, rewritten after every
+variant) and a table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sa2va import distributed as dist  # noqa: E402
+from sa2va import perf  # noqa: E402
+
+EAGER_VARIANTS = ("naive", "opt", "nocache", "mb1", "refsep", "fullvocab", "foreach", "nosync", "ckpt")
+PLAN_TOKENS = ("eval",) + EAGER_VARIANTS + ("compile", "ddp", "fsdp")
+IMAGE_SIZE = 512  # one 448 px ViT tile (512 x 512 -> a 1 x 1 grid, no thumbnail)
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    cache: bool = True  # frozen encoder features computed once (train.cache_frozen)
+    micro_batch: int = 8
+    ref: str = "cached"  # cached: reference logits computed once; separate: a reference forward per pair
+    full_vocab: bool = False  # run the LLM with its vocabulary head (logits for every position)
+    fused: bool = True  # fused AdamW (optim.fused)
+    sync_metrics: bool = True  # the loop's per-sample float(...) of every logged metric
+    ckpt: bool = False  # activation checkpointing of the LLM (train.activation_checkpointing)
+    compile: bool = False  # per-layer torch.compile (train.compile)
+    strategy: str = "single"  # single | ddp | fsdp
+
+
+def make_variant(name: str, micro_batch: int, ddp_compile: bool, fsdp_compile: bool) -> Variant:
+    opt = Variant("opt", micro_batch=micro_batch)
+    table = {
+        "naive": Variant("naive", cache=False, micro_batch=1, ref="separate"),
+        "opt": opt,
+        "nocache": replace(opt, name="nocache", cache=False),
+        "mb1": replace(opt, name="mb1", micro_batch=1),
+        "refsep": replace(opt, name="refsep", ref="separate"),
+        "fullvocab": replace(opt, name="fullvocab", full_vocab=True),
+        "foreach": replace(opt, name="foreach", fused=False),
+        "nosync": replace(opt, name="nosync", sync_metrics=False),
+        "ckpt": replace(opt, name="ckpt", ckpt=True),
+        "compile": replace(opt, name="compile", compile=True),
+        "ddp": replace(opt, name="ddp", compile=ddp_compile, strategy="ddp"),
+        "fsdp": replace(opt, name="fsdp", compile=fsdp_compile, strategy="fsdp"),
+    }
+    return table[name]
+
+
+def parse_plan(text: str) -> dict[str, list[str]]:
+    """'1b=opt,compile 26b=opt,ddp' -> {'1b': ['opt', 'compile'], '26b': ['opt', 'ddp']}."""
+    from sa2va.tiny import PRESETS
+
+    plan: dict[str, list[str]] = {}
+    for item in text.replace(";", " ").split():
+        preset, sep, tokens = item.partition("=")
+        if not sep or preset not in PRESETS:
+            raise SystemExit(f"bad plan item {item!r}: expected PRESET=token,token with PRESET in {list(PRESETS)}")
+        names = [t for t in tokens.split(",") if t]
+        unknown = sorted(set(names) - set(PLAN_TOKENS))
+        if unknown:
+            raise SystemExit(f"unknown plan tokens {unknown} (known: {', '.join(PLAN_TOKENS)})")
+        plan[preset] = names
+    return plan
+
+
+# --------------------------------------------------------------------------- model without weights
+
+
+def build_random_sa2va(preset: str, device: torch.device, dtype: torch.dtype, seed: int, workdir: Path):
+    """A Sa2VA of the preset's shapes with random weights, read the way load_sa2va reads a folder:
+    config, remote code and tokenizer from a checkpoint folder (written without weights), the
+    model from AutoModel.from_config on the device, token ids from the tokenizer."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from sa2va.model import IMG_CONTEXT, SEG, TEMPLATES, Sa2VA, _fix_meta_buffers, _install_transformers_compat
+    from sa2va.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(workdir / f"{preset}-{os.getpid()}", seed=seed, preset=preset, weights=False,
+                                   warmup=False)
+    _install_transformers_compat()
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModel.from_config(config, trust_remote_code=True, dtype=dtype)
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    model._count = 0
+    _fix_meta_buffers(model, device)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    raw = json.loads((folder / "config.json").read_text())
+    seg_id = tokenizer.convert_tokens_to_ids(SEG)
+    img_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    model.img_context_token_id = img_id
+    return Sa2VA(
+        model=model, tokenizer=tokenizer, path=folder, template=TEMPLATES[raw["template"]],
+        seg_token_id=seg_id, img_context_token_id=img_id, num_image_token=int(model.num_image_token),
+        vit_size=int(raw["force_image_size"]), min_tiles=int(raw["min_dynamic_patch"]),
+        max_tiles=int(raw["max_dynamic_patch"]), use_thumbnail=bool(raw["use_thumbnail"]),
+        dynamic_tiles=bool(raw["dynamic_image_size"]), sam_size=int(model.grounding_encoder.sam2_model.image_size),
+        device=device, dtype=dtype,
+    )
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _sample(index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    from sa2va.synth import make_sample
+
+    image, mask, _ = make_sample(7, index, size)
+    return image, mask
+
+
+def make_images(n: int, size: int, workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    if workers <= 1 or n <= 1:
+        return [_sample(i, size) for i in range(n)]
+    with ProcessPoolExecutor(max_workers=min(workers, n)) as pool:
+        return list(pool.map(functools.partial(_sample, size=size), range(n)))
+
+
+# --------------------------------------------------------------------------- the bench state
+
+
+class Bench:
+    """One preset: the model, the data, the caches, and the timed training step."""
+
+    def __init__(self, sa2va, samples, args, info: dist.DistInfo):
+        from scipy import ndimage
+
+        from sa2va.config import load_config
+        from sa2va.data import masks_to_tensor
+
+        self.sa2va, self.args, self.info = sa2va, args, info
+        self.device = sa2va.device
+        self.cfg = load_config("v8", [f"train.grad_accum={args.grad_accum}"])
+        self.images = [s[0] for s in samples]
+        masks = [s[1] for s in samples]
+        self.chosen = [masks_to_tensor([m])[0] for m in masks]  # loss.resolution=full: image size
+        self.rejected = [masks_to_tensor([ndimage.binary_dilation(m, iterations=2)])[0] for m in masks]
+        self.features: list[Any] | None = None
+        self.ref_logits: list[torch.Tensor] | None = None
+        self.policy = None
+        self.timer = perf.PhaseTimer(self.device)
+        self.hooks: list[Any] = []
+        self.cursor = 0
+
+    # -- set-up, in the loop's order ---------------------------------------------------
+    def add_lora(self) -> dict[str, float]:
+        from sa2va.model import SegPolicy, add_lora_and_freeze
+
+        torch.manual_seed(self.args.seed + 1)
+        add_lora_and_freeze(self.sa2va, self.cfg.lora, self.cfg.train_modules)
+        self.policy = SegPolicy(self.sa2va, self.cfg.model.question, self.cfg.model.answer)
+        trained = sum(p.numel() for p in self.sa2va.model.parameters() if p.requires_grad)
+        return {"trained_params": trained}
+
+    def encode(self, indices: list[int]):
+        from sa2va.model import autocast, encode_frozen, prepare_images
+
+        with autocast(self.sa2va):
+            return encode_frozen(self.sa2va, prepare_images(self.sa2va, [self.images[i] for i in indices]))
+
+    def build_caches(self) -> dict[str, float]:
+        """What train_dpo does before step 1: features of every image (kept on the CPU), then the
+        reference logits of every pair (the starting policy, no gradients)."""
+        from sa2va.model import autocast, freeze_unreachable
+
+        n, chunk = len(self.images), max(self.args.micro_batch, 4)
+        self.sync()
+        t0 = time.perf_counter()
+        feats = []
+        for start in range(0, n, chunk):
+            idx = list(range(start, min(n, start + chunk)))
+            batch = self.encode(idx).to(torch.device("cpu"))
+            feats.extend(batch.select([i]) for i in range(len(idx)))
+        self.features = feats
+        self.sync()
+        t1 = time.perf_counter()
+        self.policy.eval()
+        refs = []
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                idx = list(range(start, min(n, start + chunk)))
+                with autocast(self.sa2va):
+                    z = self.policy(self.cached(idx)).float().cpu()
+                refs.extend(z[i] for i in range(len(idx)))
+        self.ref_logits = refs
+        self.sync()
+        t2 = time.perf_counter()
+        unreachable = freeze_unreachable(self.policy, self.cached([0]), self.sa2va)
+        self.policy.train()
+        return {"encode_s_per_image": (t1 - t0) / n, "reference_s_per_image": (t2 - t1) / n,
+                "frozen_unreachable": len(unreachable)}
+
+    def cached(self, indices: list[int]):
+        from sa2va.model import FrozenFeatures
+
+        return FrozenFeatures.cat([self.features[i] for i in indices]).to(self.device)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def install_hooks(self) -> None:
+        model = self.sa2va.model
+        lm = model.language_model
+        decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        self.hooks = perf.install_phase_hooks(
+            self.timer, embedding=lm.get_input_embeddings(), decoder=decoder,
+            vision=model.vision_model, sam_encoder=self.sa2va.sam2.image_encoder)
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    # -- FLOPs -------------------------------------------------------------------------
+    def count_flops(self, micro_batch: int) -> dict[str, Any]:
+        """Counted FLOPs per sample of each component (eager; before any compile)."""
+        from sa2va.model import autocast, prepare_images, prompt_ids
+
+        sa2va, model = self.sa2va, self.sa2va.model
+        inputs = prepare_images(sa2va, [self.images[0]])
+        with torch.no_grad(), autocast(sa2va):
+            _, vit, _ = perf.count_flops(lambda: model.extract_feature(inputs.vit_pixels.to(sa2va.device, sa2va.dtype)))
+            _, sam, _ = perf.count_flops(lambda: sa2va.sam2.forward_image(inputs.sam_pixels.to(sa2va.device, sa2va.dtype)))
+        idx = [i % len(self.images) for i in range(micro_batch)]
+        feats = self.cached(idx)
+
+        def train_micro():
+            with autocast(sa2va):
+                logits = self.policy(feats)
+            loss = self.loss(logits, idx, [self.ref_logits[i] for i in idx], sums=None)
+            loss.backward()
+
+        _, train, per_module = perf.count_flops(train_micro)
+        self.policy.zero_grad(set_to_none=True)
+
+        def reference():
+            with torch.no_grad(), self.adapter_off(), autocast(sa2va):
+                return self.policy(feats)
+
+        _, ref, _ = perf.count_flops(reference)
+        llm_counted = sum(v for k, v in per_module.items() if k.endswith(".layers") or k.endswith("layers"))
+        tokens = len(prompt_ids(sa2va, 1, self.cfg.model.question, self.cfg.model.answer))
+        llm_cfg = model.config.llm_config
+        closed = perf.llm_flops(llm_cfg, tokens, self.cfg.lora.r, self.cfg.lora.target_modules)
+        vit_closed = perf.vit_flops(model.config.vision_config, 1, model.downsample_ratio,
+                                    int(llm_cfg.hidden_size))
+        return {
+            "tokens_per_sample": tokens,
+            "vit_fwd": vit,  # per 448 px tile = per sample here
+            "sam_encoder_fwd": sam,
+            "train_fwd_bwd": train / micro_batch,  # LLM + text_hidden_fcs + SAM2 heads + loss
+            "llm_layers_fwd_bwd": llm_counted / micro_batch if llm_counted else None,
+            "reference_fwd": ref / micro_batch,
+            "closed_form_llm_fwd_bwd": closed["total"],
+            "closed_form_llm_fwd": closed["forward"],
+            "closed_form_vit_fwd": vit_closed,
+            "llm_base_linear_params": closed["base_params"],
+            "lora_params": closed["lora_params"],
+            "per_module_sample": {k: v for k, v in sorted(per_module.items(), key=lambda kv: -kv[1])[:12]},
+        }
+
+    # -- the step ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def adapter_off(self):
+        lm = self.sa2va.model.language_model
+        with lm.disable_adapter():
+            yield
+
+    def loss(self, logits: torch.Tensor, indices: list[int], refs: list[torch.Tensor],
+             sums: dict[str, Any] | None, sync_metrics: bool = True) -> torch.Tensor:
+        """train_dpo's per-sample loss: loss_targets + combined_loss, metrics summed."""
+        from sa2va.losses import combined_loss
+        from train_dpo import loss_targets
+
+        sa2va, cfg, dev = self.sa2va, self.cfg, self.device
+        per_sample = []
+        for j, i in enumerate(indices):
+            z = loss_targets(logits[j : j + 1], [self.chosen[i]], sa2va, cfg.loss.resolution)[0]
+            zref = loss_targets(refs[j][None].to(dev), [self.chosen[i]], sa2va, cfg.loss.resolution)[0]
+            w = self.chosen[i][None].to(dev)
+            l = self.rejected[i][None].to(dev)
+            loss_i, parts = combined_loss(cfg.loss, z, w, l, zref)
+            per_sample.append(loss_i)
+            if sums is not None:
+                for key, value in parts.items():
+                    if sync_metrics:
+                        sums[key] = sums.get(key, 0.0) + float(value.sum())  # what the loop does
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value.detach().sum()
+        return torch.cat(per_sample).mean() / cfg.train.grad_accum
+
+    def next_indices(self, micro_batch: int) -> list[int]:
+        n = len(self.images)
+        start = self.cursor * micro_batch + 3 * self.info.rank
+        self.cursor += 1
+        return [(start + j) % n for j in range(micro_batch)]
+
+    def full_vocab_logits(self, features) -> torch.Tensor:
+        """seg_logits with the LLM's vocabulary head run (the model's own forward), for the
+        'no full-vocab logits' ablation: the same [SEG] state, plus logits at every position."""
+        from sa2va.model import mlp1_trained, prompt_ids
+
+        sa2va, model, device = self.sa2va, self.sa2va.model, self.device
+        batch = len(features.tiles)
+        q, a = self.cfg.model.question, self.cfg.model.answer
+        sequences = [prompt_ids(sa2va, t, q, a) for t in features.tiles]
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((batch, length), sa2va.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attention = torch.zeros((batch, length), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            attention[i, : len(seq)] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        lm = model.language_model
+        embeds = lm.get_input_embeddings()(input_ids)
+        vit = features.vit.to(device)
+        if mlp1_trained(sa2va):
+            vit = model.mlp1(vit)
+        mask = input_ids == sa2va.img_context_token_id
+        embeds = embeds.masked_scatter(mask[..., None], vit.reshape(-1, vit.shape[-1]).to(embeds.dtype))
+        out = lm(inputs_embeds=embeds, attention_mask=attention, use_cache=False, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        seg_pos = (input_ids == sa2va.seg_token_id).int().argmax(dim=1)
+        seg_embedding = model.text_hidden_fcs(hidden[torch.arange(batch, device=device), seg_pos])
+        sam2 = sa2va.sam2
+        res = sam2._forward_sam_heads(
+            backbone_features=features.pix.to(device), point_inputs=None, mask_inputs=None,
+            high_res_features=[h.to(device) for h in features.high_res],
+            multimask_output=sam2._use_multimask(True, None), language_embd=seg_embedding[:, None])
+        return res[3] + 0.0 * out.logits[:, -1:, :1].float().sum()  # keep the head's output alive
+
+    def train_step(self, v: Variant, wrapped, optimizer, trainable) -> dict[str, float]:
+        from sa2va.model import autocast
+
+        timer, info, accum = self.timer, self.info, self.cfg.train.grad_accum
+        multi = v.strategy != "single" and info.enabled
+        sums: dict[str, Any] = {}
+        loss_value: Any = 0.0
+        timer.begin("data")
+        for m in range(accum):
+            timer.mark("data")
+            indices = self.next_indices(v.micro_batch)
+            feats = self.cached(indices) if v.cache else self.encode(indices)
+            with dist.no_grad_sync(wrapped, enabled=multi and m < accum - 1):
+                timer.mark("llm_fwd")
+                with autocast(self.sa2va):
+                    logits = self.full_vocab_logits(feats) if v.full_vocab else wrapped(feats)
+                if v.ref == "separate":
+                    timer.mark("reference")
+                    with timer.pause(), torch.no_grad(), self.adapter_off(), autocast(self.sa2va):
+                        ref = self.policy(feats).float()
+                    refs = [ref[j] for j in range(len(indices))]
+                else:
+                    refs = [self.ref_logits[i] for i in indices]
+                timer.mark("loss")
+                loss = self.loss(logits, indices, refs, sums, v.sync_metrics)
+                timer.mark("heads_bwd")
+                loss.backward()
+                loss_value = loss_value + (float(loss.detach()) if v.sync_metrics else loss.detach())
+            timer.mark("data")
+        timer.mark("optimizer")
+        loss_value = float(loss_value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        flag = torch.tensor([0.0 if math.isfinite(loss_value) and torch.isfinite(grad_norm) else 1.0],
+                            device=self.device)
+        finite = float(dist.all_reduce_sum(flag) if multi else flag) == 0.0
+        optimizer.step()  # stepped even when not finite: random weights, and the time is what counts
+        optimizer.zero_grad(set_to_none=True)
+        out = timer.end()
+        out["finite"] = float(finite)
+        return out
+
+    def run_variant(self, v: Variant, flops: dict[str, Any]) -> dict[str, Any]:
+        args, info = self.args, self.info
+        layers = self.policy.decoder_layers()
+        for layer in layers:  # compile on or off (nn.Module.compile keeps the wrapper here)
+            if v.compile:
+                if getattr(layer, "_compiled_call_impl", None) is None:
+                    layer.compile()
+            else:
+                layer._compiled_call_impl = None
+        lm = self.sa2va.model.language_model
+        if v.ckpt:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        strategy = v.strategy if info.enabled else "single"
+        wrap_info = info if strategy != "single" else dist.DistInfo(0, 1, info.local_rank, info.device)
+        wrapped = dist.wrap_policy(self.policy, strategy if strategy != "single" else "ddp", wrap_info, layers)
+        trainable = [p for p in wrapped.parameters() if p.requires_grad]
+        fused = v.fused and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(trainable, lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay,
+                                      betas=tuple(self.cfg.optim.betas), fused=fused)
+        wrapped.train()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            self.train_step(v, wrapped, optimizer, trainable)
+        warmup_s = time.perf_counter() - t0
+        records = [self.train_step(v, wrapped, optimizer, trainable) for _ in range(args.steps)]
+        peak = perf.peak_memory_gib(self.device)
+        optimizer_bench = self.optimizer_bench(trainable) if v.name == "opt" and self.device.type == "cuda" else None
+        if v.ckpt:
+            lm.gradient_checkpointing_disable()
+        del optimizer
+        if wrapped is not self.policy:
+            del wrapped
+        gc.collect()
+
+        world = info.world_size if strategy != "single" else 1
+        samples = v.micro_batch * self.cfg.train.grad_accum
+        step_s = float(np.mean([r["total"] for r in records]))
+        phases = sorted({k for r in records for k in r} - {"total", "finite"})
+        phase_s = {k: float(np.mean([r.get(k, 0.0) for r in records])) for k in phases}
+        per_gpu = samples / step_s
+        useful = flops["train_fwd_bwd"]
+        executed = useful
+        if not v.cache:
+            executed += flops["vit_fwd"] + flops["sam_encoder_fwd"]
+        if v.ref == "separate":
+            executed += flops["reference_fwd"]
+        out = {
+            "variant": asdict(v), "world_size": world, "samples_per_step_per_gpu": samples,
+            "step_s": step_s, "step_s_min": float(np.min([r["total"] for r in records])),
+            "step_s_max": float(np.max([r["total"] for r in records])),
+            "samples_per_s_per_gpu": per_gpu, "samples_per_s_total": per_gpu * world,
+            "phase_s_per_step": phase_s,
+            "phase_ms_per_sample": {k: 1e3 * s / samples for k, s in phase_s.items()},
+            "peak_mem_gib": peak, "warmup_s": warmup_s, "steps": args.steps, "warmup_steps": args.warmup,
+            "mfu_useful": perf.mfu(useful, per_gpu), "mfu_executed": perf.mfu(executed, per_gpu),
+            "nonfinite_steps": int(sum(1 - r["finite"] for r in records)),
+        }
+        if optimizer_bench:
+            out["optimizer_step_ms"] = optimizer_bench
+        return out
+
+    def optimizer_bench(self, trainable: list[torch.Tensor]) -> dict[str, float]:
+        """AdamW step time, fused vs foreach, on the same trained parameters (random grads)."""
+        out = {}
+        for p in trainable:
+            p.grad = torch.randn_like(p) * 1e-3
+        for name, kw in (("fused", {"fused": True}), ("foreach", {"foreach": True})):
+            opt = torch.optim.AdamW(trainable, lr=1e-12, **kw)
+            for _ in range(2):
+                opt.step()
+            self.sync()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                opt.step()
+            stop.record()
+            self.sync()
+            out[name] = start.elapsed_time(stop) / 5
+            del opt
+        for p in trainable:
+            p.grad = None
+        return out
+
+    # -- evaluation --------------------------------------------------------------------
+    def bench_eval(self, n_forward: int, n_generate: int, batch: int, force: bool) -> dict[str, Any]:
+        """Forward path (predict_probabilities, batched) vs predict_forward (one image at a time)."""
+        from sa2va.evaluation import generate_mask, mask_dice
+        from sa2va.model import predict_probabilities
+
+        sa2va, model = self.sa2va, self.sa2va.model
+        question, answer = self.cfg.model.question, self.cfg.model.answer
+        images = [self.images[i % len(self.images)] for i in range(max(n_forward, n_generate))]
+        ids = sa2va.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+
+        def generate(image):
+            if force:
+                from transformers import LogitsProcessorList
+
+                bound = type(model).generate.__get__(model)
+                model.generate = functools.partial(bound, logits_processor=LogitsProcessorList([ForceAnswer(ids)]))
+            try:
+                return generate_mask(sa2va, image, question)
+            finally:
+                if force:
+                    del model.generate
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        predict_probabilities(sa2va, images[:batch], batch_size=batch, question=question, answer=answer)  # warm-up
+        generate(images[0])
+        self.sync()
+        t0 = time.perf_counter()
+        probs = predict_probabilities(sa2va, images[:n_forward], batch_size=batch, question=question, answer=answer)
+        self.sync()
+        forward_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        generated = [generate(im) for im in images[:n_generate]]
+        self.sync()
+        generate_s = time.perf_counter() - t0
+        agreement = [mask_dice(probs[i] > 0.5, generated[i][0]) for i in range(min(n_forward, n_generate))]
+        fg_forward = [float((probs[i] > 0.5).mean()) for i in range(len(agreement))]
+        fg_generate = [float(generated[i][0].mean()) for i in range(len(agreement))]
+        return {
+            "forward_images_per_s": n_forward / forward_s, "forward_batch": batch, "forward_images": n_forward,
+            "generate_images_per_s": n_generate / generate_s, "generate_images": n_generate,
+            "speedup": (n_forward / forward_s) / (n_generate / generate_s),
+            "agreement_dice": agreement, "agreement_dice_mean": float(np.mean(agreement)),
+            "agreement_dice_min": float(np.min(agreement)),
+            "foreground_fraction_forward": fg_forward, "foreground_fraction_generate": fg_generate,
+            "generated_text": generated[0][1], "seg_tokens": [g[2] for g in generated],
+            "forced_answer": force, "peak_mem_gib": perf.peak_memory_gib(self.device),
+        }
+
+
+class ForceAnswer:
+    """A logits processor that makes greedy decoding emit `ids` (the trained answer, 'It is
+    [SEG].' + the stop word): random weights would never say [SEG]; the work per token is the
+    same as a trained model's."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.start = list(ids), None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        k = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[k]] = 0.0
+        return forced
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInfo, results: dict,
+               save) -> None:
+    multi_tokens = [t for t in tokens if t in ("ddp", "fsdp")] if info.enabled else []
+    single_tokens = [t for t in tokens if t not in ("ddp", "fsdp")]
+    if not info.is_main and not multi_tokens:
+        return
+    entry = results.setdefault(preset, {"variants": {}})
+    device = info.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    log(info, f"== {preset}: building with random weights on {device} ({dtype})")
+    t0 = time.perf_counter()
+    sa2va = build_random_sa2va(preset, device, dtype, args.seed, Path(args.workdir))
+    sync()
+    entry["build_s"] = time.perf_counter() - t0
+    model = sa2va.model
+    entry["params"] = {"total": count_params(model), "vision_model": count_params(model.vision_model),
+                       "language_model": count_params(model.language_model),
+                       "sam2_image_encoder": count_params(sa2va.sam2.image_encoder),
+                       "sam2_mask_decoder": count_params(sa2va.sam2.sam_mask_decoder)}
+    log(info, f"   built in {entry['build_s']:.1f} s: {entry['params']['total'] / 1e9:.2f} B parameters")
+    bench = Bench(sa2va, samples, args, info)
+
+    if info.is_main and "eval" in single_tokens:
+        t0 = time.perf_counter()
+        entry["eval"] = bench.bench_eval(args.eval_images, args.eval_generate, args.eval_batch, not args.no_force)
+        e = entry["eval"]
+        log(info, f"   eval: forward {e['forward_images_per_s']:.2f} img/s, generate "
+                  f"{e['generate_images_per_s']:.2f} img/s ({e['speedup']:.1f}x), agreement Dice mean "
+                  f"{e['agreement_dice_mean']:.4f} min {e['agreement_dice_min']:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)")
+        save()
+
+    train_tokens = [t for t in tokens if t != "eval"]
+    if not train_tokens:
+        del bench, sa2va, model
+        return
+    entry.update(bench.add_lora())
+    entry["caches"] = bench.build_caches()
+    bench.install_hooks()
+    if info.is_main:
+        t0 = time.perf_counter()
+        entry["flops"] = bench.count_flops(args.micro_batch)
+        f = entry["flops"]
+        log(info, f"   counted FLOPs/sample: train fwd+bwd {f['train_fwd_bwd'] / 1e12:.2f} T (closed-form LLM "
+                  f"{f['closed_form_llm_fwd_bwd'] / 1e12:.2f} T), ViT {f['vit_fwd'] / 1e12:.2f} T, SAM2 enc "
+                  f"{f['sam_encoder_fwd'] / 1e12:.2f} T, reference fwd {f['reference_fwd'] / 1e12:.2f} T "
+                  f"({time.perf_counter() - t0:.0f} s)")
+        save()
+        order = [n for n in EAGER_VARIANTS if n in single_tokens] + (["compile"] if "compile" in single_tokens else [])
+        for name in order:
+            v = make_variant(name, args.micro_batch, args.ddp_compile, args.fsdp_compile)
+            t0 = time.perf_counter()
+            try:
+                r = bench.run_variant(v, entry["flops"])
+            except torch.OutOfMemoryError as err:
+                r = {"variant": asdict(v), "error": f"out of memory: {str(err).splitlines()[0]}"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            entry["variants"][name] = r
+            log_variant(info, preset, name, r, time.perf_counter() - t0)
+            save()
+    flops = entry.get("flops")
+    if multi_tokens:
+        dist.barrier()
+        flops = dist.broadcast_object(flops)
+        for name in ("ddp", "fsdp"):
+            if name not in multi_tokens:
+                continue
+            v = make_variant(name, args.micro_batch, args.ddp_compile, args.fsdp_compile)
+            t0 = time.perf_counter()
+            r = bench.run_variant(v, flops)
+            peaks = dist.all_gather_objects(r["peak_mem_gib"])
+            r["peak_mem_gib_per_rank"] = peaks
+            if info.is_main:
+                entry["variants"][name] = r
+                log_variant(info, preset, name, r, time.perf_counter() - t0)
+                save()
+            dist.barrier()
+    bench.remove_hooks()
+    del bench, sa2va, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def log(info: dist.DistInfo, text: str) -> None:
+    if info.is_main:
+        print(text, flush=True)
+
+
+def log_variant(info, preset: str, name: str, r: dict, wall: float) -> None:
+    if "error" in r:
+        log(info, f"   {name:9s} {r['error']}")
+        return
+    phases = " ".join(f"{k}={v:.1f}" for k, v in sorted(r["phase_ms_per_sample"].items(), key=lambda kv: -kv[1]))
+    mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "-"
+    log(info, f"   {name:9s} {r['samples_per_s_per_gpu']:8.2f} samples/s/GPU (x{r['world_size']}) "
+              f"step {r['step_s'] * 1e3:.0f} ms, MFU {100 * r['mfu_useful']:.1f}% (executed "
+              f"{100 * r['mfu_executed']:.1f}%), peak {mem}, warm-up {r['warmup_s']:.1f} s, wall {wall:.0f} s\n"
+              f"             ms/sample: {phases}")
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures of docs/performance.json, keyed by shape."""
+    out: dict[str, Any] = {"peak_bf16_flops": perf.H200_BF16_PEAK_FLOPS}
+    naive_ratio, scaling, evals = {}, {}, {}
+    for preset, entry in results.items():
+        if not isinstance(entry, dict) or "variants" not in entry:
+            continue
+        key = f"sa2va-{preset}"
+        variants = {k: v for k, v in entry["variants"].items() if "error" not in v}
+        best_name = max((n for n in variants if variants[n]["world_size"] == 1),
+                        key=lambda n: variants[n]["samples_per_s_per_gpu"], default=None)
+        shape: dict[str, Any] = {"build_s": entry.get("build_s"), "params": entry.get("params")}
+        if best_name:
+            b = variants[best_name]
+            shape.update({"best_variant": best_name, "train_samples_per_s_per_gpu": b["samples_per_s_per_gpu"],
+                          "mfu": b["mfu_useful"], "peak_mem_gb": b["peak_mem_gib"],
+                          "step_ms_per_sample": b["phase_ms_per_sample"]})
+        shape["variants"] = {n: {"samples_per_s_per_gpu": v["samples_per_s_per_gpu"],
+                                 "samples_per_s_total": v["samples_per_s_total"], "world_size": v["world_size"],
+                                 "micro_batch": v["variant"]["micro_batch"], "mfu": v["mfu_useful"],
+                                 "mfu_executed": v["mfu_executed"], "peak_mem_gib": v["peak_mem_gib"],
+                                 **({"peak_mem_gib_per_rank": v["peak_mem_gib_per_rank"]}
+                                    if "peak_mem_gib_per_rank" in v else {})}
+                             for n, v in variants.items()}
+        errors = {k: v["error"] for k, v in entry["variants"].items() if "error" in v}
+        if errors:
+            shape["errors"] = errors
+        if "flops" in entry:
+            f = entry["flops"]
+            shape["flops_per_sample"] = {k: f[k] for k in ("tokens_per_sample", "train_fwd_bwd", "vit_fwd",
+                                                           "sam_encoder_fwd", "reference_fwd",
+                                                           "closed_form_llm_fwd_bwd")}
+        if "caches" in entry:
+            shape["one_off_per_image_s"] = entry["caches"]
+        out[key] = shape
+        if "naive" in variants and best_name:
+            naive_ratio[key] = {"naive": variants["naive"]["samples_per_s_per_gpu"], "optimised": best_name,
+                                "optimised_samples_per_s": variants[best_name]["samples_per_s_per_gpu"],
+                                "ratio": variants[best_name]["samples_per_s_per_gpu"]
+                                / variants["naive"]["samples_per_s_per_gpu"]}
+            if "opt" in variants:
+                naive_ratio[key]["ratio_eager_opt"] = (variants["opt"]["samples_per_s_per_gpu"]
+                                                       / variants["naive"]["samples_per_s_per_gpu"])
+        if "ddp" in variants:
+            d = variants["ddp"]
+            base = "compile" if d["variant"]["compile"] else "opt"
+            if base in variants:
+                scaling[key] = {"one_gpu": variants[base]["samples_per_s_per_gpu"],
+                                "ddp_total": d["samples_per_s_total"], "world_size": d["world_size"],
+                                "scaling": d["samples_per_s_total"] / variants[base]["samples_per_s_per_gpu"],
+                                "peak_mem_gib_per_rank": d.get("peak_mem_gib_per_rank")}
+        if "fsdp" in variants:
+            shape["fsdp"] = {"samples_per_s_total": variants["fsdp"]["samples_per_s_total"],
+                             "peak_mem_gib_per_rank": variants["fsdp"].get("peak_mem_gib_per_rank"),
+                             "world_size": variants["fsdp"]["world_size"]}
+        if "eval" in entry:
+            e = entry["eval"]
+            evals[key] = {k: e[k] for k in ("forward_images_per_s", "forward_batch", "generate_images_per_s",
+                                             "speedup", "agreement_dice_mean", "agreement_dice_min",
+                                             "forced_answer")}
+    out["naive_vs_optimised"] = naive_ratio
+    out["ddp_2gpu_scaling"] = scaling
+    out["eval_forward_vs_generate"] = evals
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print("\n| shape | variant | GPUs | samples/s/GPU | step ms | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for preset, entry in results.items():
+        if not isinstance(entry, dict):
+            continue
+        for name, r in entry.get("variants", {}).items():
+            if "error" in r:
+                print(f"| {preset} | {name} | - | {r['error']} | | | |")
+                continue
+            mem = r.get("peak_mem_gib_per_rank") or r["peak_mem_gib"]
+            mem = "/".join(f"{m:.1f}" for m in mem) if isinstance(mem, list) else (f"{mem:.1f}" if mem else "-")
+            print(f"| {preset} | {name} | {r['world_size']} | {r['samples_per_s_per_gpu']:.2f} | "
+                  f"{r['step_s'] * 1e3:.0f} | {100 * r['mfu_useful']:.1f}% | {mem} |")
+        if "eval" in entry:
+            e = entry["eval"]
+            print(f"| {preset} | eval | 1 | forward {e['forward_images_per_s']:.2f} img/s vs generate "
+                  f"{e['generate_images_per_s']:.2f} img/s ({e['speedup']:.1f}x); agreement Dice "
+                  f"{e['agreement_dice_mean']:.3f} | | | |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", default="1b=eval,naive,opt,compile 4b=eval,naive,opt,compile 26b=eval,naive,opt,compile",
+                   help="PRESET=token,token ... (tokens: " + ", ".join(PLAN_TOKENS) + ")")
+    p.add_argument("--preset", default=None, help="shorthand: PRESET[,PRESET] with --variants")
+    p.add_argument("--variants", default="eval,naive,opt", help="with --preset")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps per variant")
+    p.add_argument("--micro-batch", type=int, default=8, help="micro-batch of the optimised variants")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step (v8: 4)")
+    p.add_argument("--images", type=int, default=16, help="distinct synthetic 512 px images")
+    p.add_argument("--eval-images", type=int, default=16)
+    p.add_argument("--eval-generate", type=int, default=8)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--no-force", action="store_true", help="let predict_forward generate freely")
+    p.add_argument("--no-ddp-compile", dest="ddp_compile", action="store_false")
+    p.add_argument("--fsdp-compile", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    p.add_argument("--workdir", default=None, help="where the weightless checkpoint folders go")
+    p.add_argument("--out", default=None, help="results JSON (full); SUMMARY next to it as *.summary.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = parse_plan(args.plan if args.preset is None else
+                      " ".join(f"{p}={args.variants}" for p in args.preset.split(",")))
+    # Images before any CUDA work (the worker processes fork).
+    t0 = time.perf_counter()
+    samples = make_images(args.images, args.image_size, workers=min(8, os.cpu_count() or 1))
+    image_s = time.perf_counter() - t0
+    info = dist.init_distributed(args.device)
+    own_workdir = args.workdir is None
+    if own_workdir:
+        args.workdir = tempfile.mkdtemp(prefix="sa2va_bench_")
+    results: dict[str, Any] = {"meta": {
+        "torch": torch.__version__, "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
+        else "cpu", "world_size": info.world_size, "plan": plan, "args": vars(args), "image_gen_s": image_s}}
+    try:
+        import transformers
+
+        results["meta"]["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    log(info, f"sa2va-dpo bench: torch {torch.__version__}, {results['meta']['device']} x{info.world_size}, plan {plan}")
+
+    def save() -> None:
+        if info.is_main and args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+            Path(args.out).with_suffix(".summary.json").write_text(json.dumps(summarise(results), indent=1,
+                                                                              default=str))
+
+    try:
+        for preset, tokens in plan.items():
+            run_preset(preset, tokens, samples, args, info, results, save)
+            save()
+    finally:
+        save()
+        if info.is_main:
+            print_table(results)
+        dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
