@@ -60,6 +60,7 @@ import torch  # noqa: E402
 from sa2va import distributed as dist  # noqa: E402
 from sa2va import perf  # noqa: E402
 
+WAIT_GROUP: list[Any] = [None]  # a gloo group for the long wait of rank 1 (set in main)
 EAGER_VARIANTS = ("naive", "opt", "nocache", "mb1", "refsep", "fullvocab", "foreach", "nosync", "ckpt")
 PLAN_TOKENS = ("eval",) + EAGER_VARIANTS + ("compile", "ddp", "fsdp")
 IMAGE_SIZE = 512  # one 448 px ViT tile (512 x 512 -> a 1 x 1 grid, no thumbnail)
@@ -130,14 +131,19 @@ def build_random_sa2va(preset: str, device: torch.device, dtype: torch.dtype, se
     from sa2va.model import IMG_CONTEXT, SEG, TEMPLATES, Sa2VA, _fix_meta_buffers, _install_transformers_compat
     from sa2va.tiny import write_tiny_checkpoint
 
+    t0 = time.perf_counter()
     folder = write_tiny_checkpoint(workdir / f"{preset}-{os.getpid()}", seed=seed, preset=preset, weights=False,
                                    warmup=False)
     _install_transformers_compat()
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+    t1 = time.perf_counter()
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModel.from_config(config, trust_remote_code=True, dtype=dtype)
     model.to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
     model.eval()
     model._count = 0
     _fix_meta_buffers(model, device)
@@ -146,7 +152,8 @@ def build_random_sa2va(preset: str, device: torch.device, dtype: torch.dtype, se
     seg_id = tokenizer.convert_tokens_to_ids(SEG)
     img_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     model.img_context_token_id = img_id
-    return Sa2VA(
+    timings = {"folder_s": t1 - t0, "from_config_s": t2 - t1}
+    return timings, Sa2VA(
         model=model, tokenizer=tokenizer, path=folder, template=TEMPLATES[raw["template"]],
         seg_token_id=seg_id, img_context_token_id=img_id, num_image_token=int(model.num_image_token),
         vit_size=int(raw["force_image_size"]), min_tiles=int(raw["min_dynamic_patch"]),
@@ -292,7 +299,7 @@ class Bench:
             loss = self.loss(logits, idx, [self.ref_logits[i] for i in idx], sums=None)
             loss.backward()
 
-        _, train, per_module = perf.count_flops(train_micro)
+        _, train, _ = perf.count_flops(train_micro)
         self.policy.zero_grad(set_to_none=True)
 
         def reference():
@@ -300,25 +307,36 @@ class Bench:
                 return self.policy(feats)
 
         _, ref, _ = perf.count_flops(reference)
-        llm_counted = sum(v for k, v in per_module.items() if k.endswith(".layers") or k.endswith("layers"))
         tokens = len(prompt_ids(sa2va, 1, self.cfg.model.question, self.cfg.model.answer))
         llm_cfg = model.config.llm_config
+        lm = model.language_model
+        decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        embeds = torch.randn(micro_batch, tokens, int(llm_cfg.hidden_size), device=sa2va.device, dtype=sa2va.dtype)
+        ones = torch.ones(micro_batch, tokens, dtype=torch.long, device=sa2va.device)
+
+        def llm_only():  # the decoder alone, fwd + bwd from one position (as from [SEG])
+            with autocast(sa2va):
+                hidden = decoder(inputs_embeds=embeds, attention_mask=ones, use_cache=False).last_hidden_state
+            hidden[:, -4].float().sum().backward()
+
+        _, llm, _ = perf.count_flops(llm_only)
+        self.policy.zero_grad(set_to_none=True)
         closed = perf.llm_flops(llm_cfg, tokens, self.cfg.lora.r, self.cfg.lora.target_modules)
         vit_closed = perf.vit_flops(model.config.vision_config, 1, model.downsample_ratio,
                                     int(llm_cfg.hidden_size))
         return {
             "tokens_per_sample": tokens,
-            "vit_fwd": vit,  # per 448 px tile = per sample here
+            "vit_fwd": vit,  # per 448 px tile = per sample here (ViT + mlp1)
             "sam_encoder_fwd": sam,
             "train_fwd_bwd": train / micro_batch,  # LLM + text_hidden_fcs + SAM2 heads + loss
-            "llm_layers_fwd_bwd": llm_counted / micro_batch if llm_counted else None,
+            "llm_fwd_bwd": llm / micro_batch,  # the decoder alone
+            "heads_and_loss_fwd_bwd": (train - llm) / micro_batch,
             "reference_fwd": ref / micro_batch,
             "closed_form_llm_fwd_bwd": closed["total"],
             "closed_form_llm_fwd": closed["forward"],
             "closed_form_vit_fwd": vit_closed,
             "llm_base_linear_params": closed["base_params"],
             "lora_params": closed["lora_params"],
-            "per_module_sample": {k: v for k, v in sorted(per_module.items(), key=lambda kv: -kv[1])[:12]},
         }
 
     # -- the step ----------------------------------------------------------------------
@@ -500,6 +518,30 @@ class Bench:
             out["optimizer_step_ms"] = optimizer_bench
         return out
 
+    def after_failure(self) -> None:
+        self.timer.active = False
+        if self.policy is not None:
+            self.policy.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def closed_form_flops(self, error: str) -> dict[str, Any]:
+        """When counting fails: the closed forms (LLM only in the training step)."""
+        from sa2va.model import prompt_ids
+
+        model = self.sa2va.model
+        llm_cfg = model.config.llm_config
+        tokens = len(prompt_ids(self.sa2va, 1, self.cfg.model.question, self.cfg.model.answer))
+        closed = perf.llm_flops(llm_cfg, tokens, self.cfg.lora.r, self.cfg.lora.target_modules)
+        vit = perf.vit_flops(model.config.vision_config, 1, model.downsample_ratio, int(llm_cfg.hidden_size))
+        return {"error": error, "source": "closed form", "tokens_per_sample": tokens, "vit_fwd": vit,
+                "sam_encoder_fwd": 0.0, "train_fwd_bwd": closed["total"], "llm_fwd_bwd": closed["total"],
+                "heads_and_loss_fwd_bwd": 0.0, "reference_fwd": closed["forward"],
+                "closed_form_llm_fwd_bwd": closed["total"], "closed_form_llm_fwd": closed["forward"],
+                "closed_form_vit_fwd": vit}
+
     def optimizer_bench(self, trainable: list[torch.Tensor]) -> dict[str, float]:
         """AdamW step time, fused vs foreach, on the same trained parameters (random grads)."""
         out = {}
@@ -558,6 +600,12 @@ class Bench:
         generated = [generate(im) for im in images[:n_generate]]
         self.sync()
         generate_s = time.perf_counter() - t0
+        from sa2va.model import prepare_images
+
+        t0 = time.perf_counter()
+        for start in range(0, n_forward, batch):  # the CPU part both paths share
+            prepare_images(sa2va, images[start : start + batch])
+        preprocess_s = time.perf_counter() - t0
         agreement = [mask_dice(probs[i] > 0.5, generated[i][0]) for i in range(min(n_forward, n_generate))]
         fg_forward = [float((probs[i] > 0.5).mean()) for i in range(len(agreement))]
         fg_generate = [float(generated[i][0].mean()) for i in range(len(agreement))]
@@ -565,6 +613,7 @@ class Bench:
             "forward_images_per_s": n_forward / forward_s, "forward_batch": batch, "forward_images": n_forward,
             "generate_images_per_s": n_generate / generate_s, "generate_images": n_generate,
             "speedup": (n_forward / forward_s) / (n_generate / generate_s),
+            "preprocess_s_per_image": preprocess_s / n_forward,
             "agreement_dice": agreement, "agreement_dice_mean": float(np.mean(agreement)),
             "agreement_dice_min": float(np.min(agreement)),
             "foreground_fraction_forward": fg_forward, "foreground_fraction_generate": fg_generate,
@@ -605,7 +654,7 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     log(info, f"== {preset}: building with random weights on {device} ({dtype})")
     t0 = time.perf_counter()
-    sa2va = build_random_sa2va(preset, device, dtype, args.seed, Path(args.workdir))
+    entry["build_breakdown"], sa2va = build_random_sa2va(preset, device, dtype, args.seed, Path(args.workdir))
     sync()
     entry["build_s"] = time.perf_counter() - t0
     model = sa2va.model
@@ -613,16 +662,24 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
                        "language_model": count_params(model.language_model),
                        "sam2_image_encoder": count_params(sa2va.sam2.image_encoder),
                        "sam2_mask_decoder": count_params(sa2va.sam2.sam_mask_decoder)}
-    log(info, f"   built in {entry['build_s']:.1f} s: {entry['params']['total'] / 1e9:.2f} B parameters")
+    log(info, f"   built in {entry['build_s']:.1f} s ({entry['build_breakdown']}): "
+              f"{entry['params']['total'] / 1e9:.2f} B parameters, {perf.peak_memory_gib(device) or 0:.1f} GiB")
     bench = Bench(sa2va, samples, args, info)
 
     if info.is_main and "eval" in single_tokens:
         t0 = time.perf_counter()
-        entry["eval"] = bench.bench_eval(args.eval_images, args.eval_generate, args.eval_batch, not args.no_force)
+        try:
+            entry["eval"] = bench.bench_eval(args.eval_images, args.eval_generate, args.eval_batch, not args.no_force)
+        except Exception as err:
+            entry["eval_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            log(info, f"   eval failed: {entry['eval_error']}")
+            bench.after_failure()
+    if info.is_main and "eval" in entry:
         e = entry["eval"]
         log(info, f"   eval: forward {e['forward_images_per_s']:.2f} img/s, generate "
                   f"{e['generate_images_per_s']:.2f} img/s ({e['speedup']:.1f}x), agreement Dice mean "
-                  f"{e['agreement_dice_mean']:.4f} min {e['agreement_dice_min']:.4f} "
+                  f"{e['agreement_dice_mean']:.4f} min {e['agreement_dice_min']:.4f}, CPU preprocessing "
+                  f"{1e3 * e['preprocess_s_per_image']:.1f} ms/image "
                   f"({time.perf_counter() - t0:.0f} s)")
         save()
 
@@ -635,10 +692,14 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
     bench.install_hooks()
     if info.is_main:
         t0 = time.perf_counter()
-        entry["flops"] = bench.count_flops(args.micro_batch)
+        try:
+            entry["flops"] = bench.count_flops(args.micro_batch)
+        except Exception as err:
+            entry["flops"] = bench.closed_form_flops(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            bench.after_failure()
         f = entry["flops"]
-        log(info, f"   counted FLOPs/sample: train fwd+bwd {f['train_fwd_bwd'] / 1e12:.2f} T (closed-form LLM "
-                  f"{f['closed_form_llm_fwd_bwd'] / 1e12:.2f} T), ViT {f['vit_fwd'] / 1e12:.2f} T, SAM2 enc "
+        log(info, f"   counted FLOPs/sample: train fwd+bwd {f['train_fwd_bwd'] / 1e12:.3f} T, of which LLM "
+                  f"{f['llm_fwd_bwd'] / 1e12:.3f} T (closed form {f['closed_form_llm_fwd_bwd'] / 1e12:.3f} T), ViT {f['vit_fwd'] / 1e12:.2f} T, SAM2 enc "
                   f"{f['sam_encoder_fwd'] / 1e12:.2f} T, reference fwd {f['reference_fwd'] / 1e12:.2f} T "
                   f"({time.perf_counter() - t0:.0f} s)")
         save()
@@ -648,24 +709,28 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
             t0 = time.perf_counter()
             try:
                 r = bench.run_variant(v, entry["flops"])
-            except torch.OutOfMemoryError as err:
-                r = {"variant": asdict(v), "error": f"out of memory: {str(err).splitlines()[0]}"}
-                gc.collect()
-                torch.cuda.empty_cache()
+            except Exception as err:  # one failed variant must not cost the others
+                r = {"variant": asdict(v), "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+                bench.after_failure()
             entry["variants"][name] = r
             log_variant(info, preset, name, r, time.perf_counter() - t0)
             save()
     flops = entry.get("flops")
     if multi_tokens:
-        dist.barrier()
+        torch.distributed.barrier(group=WAIT_GROUP[0])  # gloo, long timeout: rank 0 ran the single-GPU part
         flops = dist.broadcast_object(flops)
         for name in ("ddp", "fsdp"):
             if name not in multi_tokens:
                 continue
             v = make_variant(name, args.micro_batch, args.ddp_compile, args.fsdp_compile)
             t0 = time.perf_counter()
-            r = bench.run_variant(v, flops)
-            peaks = dist.all_gather_objects(r["peak_mem_gib"])
+            try:
+                r = bench.run_variant(v, flops)
+            except Exception as err:  # raised on every rank alike (else the collective timeout ends the run)
+                r = {"variant": asdict(v), "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
+                     "peak_mem_gib": perf.peak_memory_gib(device)}
+                bench.after_failure()
+            peaks = dist.all_gather_objects(r.get("peak_mem_gib"))
             r["peak_mem_gib_per_rank"] = peaks
             if info.is_main:
                 entry["variants"][name] = r
@@ -728,7 +793,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             shape["errors"] = errors
         if "flops" in entry:
             f = entry["flops"]
-            shape["flops_per_sample"] = {k: f[k] for k in ("tokens_per_sample", "train_fwd_bwd", "vit_fwd",
+            shape["flops_per_sample"] = {k: f[k] for k in ("tokens_per_sample", "train_fwd_bwd", "llm_fwd_bwd", "vit_fwd",
                                                            "sam_encoder_fwd", "reference_fwd",
                                                            "closed_form_llm_fwd_bwd")}
         if "caches" in entry:
@@ -756,9 +821,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                              "world_size": variants["fsdp"]["world_size"]}
         if "eval" in entry:
             e = entry["eval"]
-            evals[key] = {k: e[k] for k in ("forward_images_per_s", "forward_batch", "generate_images_per_s",
-                                             "speedup", "agreement_dice_mean", "agreement_dice_min",
-                                             "forced_answer")}
+            evals[key] = {k: e.get(k) for k in ("forward_images_per_s", "forward_batch", "generate_images_per_s",
+                                                 "speedup", "agreement_dice_mean", "agreement_dice_min",
+                                                 "preprocess_s_per_image", "forced_answer")}
     out["naive_vs_optimised"] = naive_ratio
     out["ddp_2gpu_scaling"] = scaling
     out["eval_forward_vs_generate"] = evals
@@ -776,7 +841,8 @@ def print_table(results: dict[str, Any]) -> None:
                 print(f"| {preset} | {name} | - | {r['error']} | | | |")
                 continue
             mem = r.get("peak_mem_gib_per_rank") or r["peak_mem_gib"]
-            mem = "/".join(f"{m:.1f}" for m in mem) if isinstance(mem, list) else (f"{mem:.1f}" if mem else "-")
+            mems = mem if isinstance(mem, list) else [mem]
+            mem = "/".join(f"{m:.1f}" if m is not None else "-" for m in mems)
             print(f"| {preset} | {name} | {r['world_size']} | {r['samples_per_s_per_gpu']:.2f} | "
                   f"{r['step_s'] * 1e3:.0f} | {100 * r['mfu_useful']:.1f}% | {mem} |")
         if "eval" in entry:
@@ -804,6 +870,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-force", action="store_true", help="let predict_forward generate freely")
     p.add_argument("--no-ddp-compile", dest="ddp_compile", action="store_false")
     p.add_argument("--fsdp-compile", action="store_true")
+    p.add_argument("--collective-timeout", type=int, default=300, help="seconds (NCCL)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--workdir", default=None, help="where the weightless checkpoint folders go")
@@ -819,7 +886,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     samples = make_images(args.images, args.image_size, workers=min(8, os.cpu_count() or 1))
     image_s = time.perf_counter() - t0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device == "cuda":
+        # A short collective timeout, so that a desynchronised rank ends the run in minutes.
+        import datetime
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", local),
+                                             timeout=datetime.timedelta(seconds=args.collective_timeout))
     info = dist.init_distributed(args.device)
+    if info.enabled:
+        import datetime
+
+        WAIT_GROUP[0] = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
     own_workdir = args.workdir is None
     if own_workdir:
         args.workdir = tempfile.mkdtemp(prefix="sa2va_bench_")
@@ -842,7 +921,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for preset, tokens in plan.items():
-            run_preset(preset, tokens, samples, args, info, results, save)
+            try:
+                run_preset(preset, tokens, samples, args, info, results, save)
+            except Exception as err:
+                results.setdefault(preset, {})["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                print(f"rank {info.rank}: {preset} failed: {results[preset]['error']}", flush=True)
+                import traceback
+
+                traceback.print_exc()
+            torch._dynamo.reset()
+            gc.collect()
+            if info.device.type == "cuda":
+                torch.cuda.empty_cache()
             save()
     finally:
         save()

@@ -178,5 +178,9 @@ def load_for_inference(path: str | Path, trust_remote_code: bool, device: str = 
     sa2va = load_sa2va(cfg.model.path, trust_remote_code or cfg.model.trust_remote_code, device=device, dtype=dtype)
     add_lora_and_freeze(sa2va, cfg.lora, cfg.train_modules)
     apply_trained(sa2va.model, load_trained(p), p)
+    # Inference needs no adapter: merge it, and store everything in the load dtype (the trained
+    # float32 masters would otherwise mix dtypes with the bf16 base on GPU).
+    sa2va.model.language_model = sa2va.model.language_model.merge_and_unload()
     sa2va.model.requires_grad_(False)
+    sa2va.model.to(sa2va.dtype)
     return sa2va

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="data seed (the baseline never saw these images)")
     parser.add_argument("--cfg", default="configs/demo.yaml", help="training recipe")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--baseline", default=str(SHIPPED_BASELINE),
+                        help="the baseline model folder (default: the shipped assets/baseline; rebuilt if missing)")
+    parser.add_argument("--stop-after", choices=("pairs", "train"), help="stop after this step (for experiments)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for train_dpo.py")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -68,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     baseline = out / "baseline"
-    if (SHIPPED_BASELINE / "model.safetensors").is_file():
+    source = Path(args.baseline)
+    if (source / "model.safetensors").is_file():
         console.rule("[bold]1. baseline")
-        shutil.copytree(SHIPPED_BASELINE, baseline)
-        report = json.loads((baseline / "baseline_report.json").read_text())
-        console.print(f"shipped baseline {SHIPPED_BASELINE.relative_to(REPO)}: held-out Dice "
-                      f"{report['val_dice_mean']:.3f} when built ({report['command']})")
+        shutil.copytree(source, baseline)
+        report_file = baseline / "baseline_report.json"
+        built = json.loads(report_file.read_text()) if report_file.is_file() else None
+        console.print(f"baseline {source}" + (f": held-out Dice {built['val_dice_mean']:.3f} when built "
+                                              f"({built['command']})" if built else ""))
     else:
         step("1. baseline (not shipped: building it)", [py, "-m", "sa2va.baseline", "--out", baseline])
 
@@ -91,11 +96,15 @@ def main(argv: list[str] | None = None) -> int:
           "--min-gap", "0.15", "--thresholds", "0.3,0.5,0.7", "--holdout-ids", holdout_file,
           "--seed", args.seed, "--device", "cpu"])
 
+    if args.stop_after == "pairs":
+        return 0
     train = out / "train"
     step("4. preference training",
          [py, "train_dpo.py", "--cfg", args.cfg, f"model.path={baseline}", f"data.root={pairs}",
           f"data.val_root={pairs}", f"output_dir={train}", *args.overrides])
 
+    if args.stop_after == "train":
+        return 0
     evals = out / "eval"
     for name, model in (("baseline", baseline), ("trained", train / "final")):
         step(f"5. evaluate the {name} model on the held-out images",

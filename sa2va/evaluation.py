@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,11 +155,13 @@ def resolve_model(arg: str | None, say: Callable[[str], None]) -> tuple[Path, bo
 
 
 def default_out(model: Path) -> Path:
-    """eval/<model folder name>; a training checkpoint is named after its run too (run_step_N)."""
-    resolved = model.resolve()
+    """eval/<model folder name>; a training checkpoint or export is named after its run too."""
+    resolved = Path(os.path.abspath(model))  # normalises "." and "..", keeps the user's link names
     name = resolved.name
     if resolved.parent.name == "checkpoints" and resolved.parent.parent.name:
-        name = f"{resolved.parent.parent.name}_{name}"
+        name = f"{resolved.parent.parent.name}_{name}"  # runs/v8/checkpoints/step_N -> v8_step_N
+    elif name == "final" and resolved.parent.name:
+        name = f"{resolved.parent.name}_final"  # train_dpo.py's export runs/v8/final -> v8_final
     return Path("eval") / name
 
 
@@ -212,22 +215,18 @@ def _model_code_folder(model: Path) -> Path:
 
 
 def predict_forward_needs_cuda(model: Path) -> bool:
-    """True when the model's remote code hard-codes CUDA in predict_forward (the real release
-    does: `.cuda()`), read from the source without importing it."""
+    """True when the model's remote code calls `.cuda()` anywhere (the real release does, in
+    predict_forward), read from the source without importing it; strings and comments that
+    mention it do not count."""
     folder = _model_code_folder(model)
     try:
         config = json.loads((folder / "config.json").read_text())
         module = config["auto_map"]["AutoModel"].split("--")[-1].rsplit(".", 1)[0]
-        source = (folder / f"{module}.py").read_text()
-        tree = ast.parse(source)
+        tree = ast.parse((folder / f"{module}.py").read_text())
     except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError, SyntaxError):
         return False  # loading will name the problem
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name in ("predict_forward", "preparing_for_generation"):
-            body = ast.get_source_segment(source, node) or ""
-            if ".cuda(" in body:
-                return True
-    return False
+    return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "cuda"
+               for node in ast.walk(tree))
 
 
 def load_model(model: Path, trust_remote_code: bool, device: str):
@@ -241,11 +240,12 @@ def load_model(model: Path, trust_remote_code: bool, device: str):
         pass
     try:
         return load_for_inference(model, trust_remote_code, device=device)
-    except UserError:
+    except (UserError, KeyboardInterrupt, MemoryError):
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load the model in {model}: {first}") from err
+    except Exception as err:  # noqa: BLE001 - torn weights, bad shapes, library errors: one line, not a trace
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else ""
+        raise UserError(f"cannot load the model in {model}: {type(err).__name__}: {first}") from err
 
 
 # --------------------------------------------------------------------------- prediction
@@ -604,8 +604,8 @@ def _evaluate(args: argparse.Namespace, info: Any, say: Callable[..., None], con
         check_model_folder(_model_code_folder(model))
         entries, selection, sentence = select_images(opts.data, opts.all_images)
         if "generate" in opts.paths and info.device.type == "cpu" and predict_forward_needs_cuda(model):
-            raise UserError(f"--path {opts.mode}: this model's predict_forward hard-codes CUDA (.cuda()) and "
-                            "cannot run on CPU; use --path forward on CPU, or run on a GPU")
+            raise UserError(f"--path {opts.mode}: this model's remote code hard-codes CUDA (.cuda()), so its "
+                            "predict_forward cannot run on CPU; use --path forward on CPU, or run on a GPU")
         if info.is_main:
             created = not opts.out.exists()
             check_writable_dir(opts.out)

@@ -28,11 +28,43 @@ H200_BF16_PEAK_FLOPS = 989e12
 # --------------------------------------------------------------------------- counting
 
 
+def _attention_flops(query: Any, key: Any, value: Any) -> int:
+    """QK^T and AV of (B, H, T, d) shapes; grouped-query keys/values (fewer heads) are fine."""
+    batch, heads, q_len, q_dim = query
+    k_len, v_dim = key[-2], value[-1]
+    return 2 * batch * heads * q_len * k_len * q_dim + 2 * batch * heads * q_len * k_len * v_dim
+
+
+def _sdpa_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return _attention_flops(query, key, value)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _attention_flops(query, key, value)  # dQ, dK, dV and dP: twice the forward
+
+
+def _attention_mapping() -> dict[Any, Any]:
+    """PyTorch's own sdpa formulas assert equal head counts of q and k (torch 2.11), which
+    grouped-query attention (Qwen2's enable_gqa) breaks; these count it correctly."""
+    aten = torch.ops.aten
+    mapping: dict[Any, Any] = {}
+    for name in ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = _sdpa_forward
+        if hasattr(aten, name + "_backward"):
+            mapping[getattr(aten, name + "_backward")] = _sdpa_backward
+    return mapping
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int, dict[str, int]]:
-    """Run fn() under FlopCounterMode: (its result, total FLOPs, FLOPs per module name)."""
+    """Run fn() under FlopCounterMode: (its result, total FLOPs, FLOPs per module name).
+
+    Per-module numbers are PyTorch's attribution, which is unreliable for backward ops: count
+    a component by running it alone."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_attention_mapping())
     with counter:
         result = fn()
     per_module = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
@@ -123,7 +155,7 @@ class PhaseTimer:
         self.cuda = device.type == "cuda"
         self.marks: list[tuple[str, Any]] = []
         self.paused = 0
-        self.current: str | None = None
+        self.active = False  # between begin() and end(); marks elsewhere are ignored
 
     def _now(self) -> Any:
         if self.cuda:
@@ -133,10 +165,8 @@ class PhaseTimer:
         return time.perf_counter()
 
     def mark(self, phase: str) -> None:
-        if self.paused:
-            return
-        self.marks.append((phase, self._now()))
-        self.current = phase
+        if self.active and not self.paused:
+            self.marks.append((phase, self._now()))
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -149,11 +179,13 @@ class PhaseTimer:
 
     def begin(self, phase: str = "other") -> None:
         self.marks = []
+        self.active = True
         self.mark(phase)
 
     def end(self) -> dict[str, float]:
         """Close the step (synchronising on CUDA) and return seconds per phase, plus 'total'."""
         self.marks.append(("<end>", self._now()))
+        self.active = False
         if self.cuda:
             torch.cuda.synchronize()
         out: dict[str, float] = {}
@@ -183,7 +215,7 @@ def install_phase_hooks(timer: PhaseTimer, *, embedding: nn.Module, decoder: nn.
         hidden = getattr(output, "last_hidden_state", None)
         if hidden is None and isinstance(output, (tuple, list)):
             hidden = output[0]
-        if isinstance(hidden, torch.Tensor) and hidden.requires_grad and not timer.paused:
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad and timer.active and not timer.paused:
             hidden.register_hook(lambda grad: timer.mark("llm_bwd"))
 
     handles.append(decoder.register_forward_hook(after_decoder))
