@@ -131,16 +131,28 @@ class LazyPredictor:
         self.model = None
         cfg = load_config(DEFAULT_CONFIG)
         self.question, self.answer = cfg.model.question, cfg.model.answer
-        self.trust = cfg.model.trust_remote_code if args.trust_remote_code is None else True
-        self.trust_from = "--trust-remote-code" if args.trust_remote_code else \
-            f"model.trust_remote_code of {_shown(DEFAULT_CONFIG)}"
+        # The config's yes covers the config's own model only, not any folder given as --model.
+        same_model = Path(args.model).resolve() == Path(cfg.model.path).resolve()
+        if args.trust_remote_code:
+            self.trust, self.trust_from = True, "--trust-remote-code"
+        elif same_model:
+            self.trust = cfg.model.trust_remote_code
+            self.trust_from = f"model.trust_remote_code of {_shown(DEFAULT_CONFIG)}"
+        else:
+            self.trust, self.trust_from = False, "no --trust-remote-code given"
 
     def __call__(self, images: list) -> list:
         from sa2va.model import load_sa2va, predict_probabilities
 
         if self.model is None:
             print(f"loading {self.args.model} (trust_remote_code={self.trust}, from {self.trust_from})")
-            self.model = load_sa2va(self.args.model, trust_remote_code=self.trust, device=self.args.device)
+            try:
+                self.model = load_sa2va(self.args.model, trust_remote_code=self.trust, device=self.args.device)
+            except (UserError, KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as err:  # noqa: BLE001 - torn weights, broken remote code: one line, not a trace
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise UserError(f"cannot load the model in {self.args.model}: {type(err).__name__}: {first}") from err
         return predict_probabilities(self.model, images, batch_size=self.args.batch_size,
                                      question=self.question, answer=self.answer)
 

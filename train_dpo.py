@@ -185,7 +185,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     # 2. Data and model. Every pair is checked now, not at step 300.
     entries = read_pairs(cfg.data.root, cfg.data.annotations, cfg.data.max_samples)
     dataset = PairDataset(entries)
-    sa2va = load_sa2va(cfg.model.path, cfg.model.trust_remote_code, device=str(info.device), dtype=cfg.model.dtype)
+    sa2va = load_sa2va(cfg.model.path, cfg.model.trust_remote_code, device=str(info.device), dtype=cfg.model.dtype,
+                       random_weights=cfg.model.random_weights)
     add_lora_and_freeze(sa2va, cfg.lora, cfg.train_modules)
     if info.is_main:
         print_parameter_table(sa2va)
@@ -416,7 +417,9 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     save(step)
     if writer is not None:
         writer.close()
-    if info.is_main:
+    if info.is_main and cfg.model.random_weights:
+        log0(info, "model.random_weights: no export (there are no real weights to merge into)")
+    elif info.is_main:
         export_final(cfg, out, dtype=str(sa2va.dtype).removeprefix("torch."))
     dist.barrier()
 

@@ -81,9 +81,16 @@ class Variant:
     ckpt: bool = False  # activation checkpointing of the LLM (train.activation_checkpointing)
     compile: bool = False  # per-layer torch.compile (train.compile)
     strategy: str = "single"  # single | ddp | fsdp
+    grad_accum: int | None = None  # None: --grad-accum
 
 
-def make_variant(name: str, micro_batch: int, ddp_compile: bool, fsdp_compile: bool) -> Variant:
+def make_variant(token: str, micro_batch: int, ddp_compile: bool, fsdp_compile: bool) -> Variant:
+    """A plan token: NAME, or NAME@MB or NAME@MBxACCUM (micro-batch, accumulation)."""
+    name, _, shape = token.partition("@")
+    if shape:
+        mb, _, accum = shape.partition("x")
+        return replace(make_variant(name, int(mb), ddp_compile, fsdp_compile), name=token,
+                       micro_batch=int(mb), grad_accum=int(accum) if accum else None)
     opt = Variant("opt", micro_batch=micro_batch)
     table = {
         "naive": Variant("naive", cache=False, micro_batch=1, ref="separate"),
@@ -112,7 +119,7 @@ def parse_plan(text: str) -> dict[str, list[str]]:
         if not sep or preset not in PRESETS:
             raise SystemExit(f"bad plan item {item!r}: expected PRESET=token,token with PRESET in {list(PRESETS)}")
         names = [t for t in tokens.split(",") if t]
-        unknown = sorted(set(names) - set(PLAN_TOKENS))
+        unknown = sorted({t.partition("@")[0] for t in names} - set(PLAN_TOKENS))
         if unknown:
             raise SystemExit(f"unknown plan tokens {unknown} (known: {', '.join(PLAN_TOKENS)})")
         plan[preset] = names
@@ -209,6 +216,7 @@ class Bench:
         self.timer = perf.PhaseTimer(self.device)
         self.hooks: list[Any] = []
         self.cursor = 0
+        self.fsdp_wrapped = None
 
     # -- set-up, in the loop's order ---------------------------------------------------
     def add_lora(self) -> dict[str, float]:
@@ -347,7 +355,7 @@ class Bench:
             yield
 
     def loss(self, logits: torch.Tensor, indices: list[int], refs: list[torch.Tensor],
-             sums: dict[str, Any] | None, sync_metrics: bool = True) -> torch.Tensor:
+             sums: dict[str, Any] | None, sync_metrics: bool = True, accum: int | None = None) -> torch.Tensor:
         """train_dpo's per-sample loss: loss_targets + combined_loss, metrics summed."""
         from sa2va.losses import combined_loss
         from train_dpo import loss_targets
@@ -367,7 +375,7 @@ class Bench:
                         sums[key] = sums.get(key, 0.0) + float(value.sum())  # what the loop does
                     else:
                         sums[key] = sums.get(key, 0.0) + value.detach().sum()
-        return torch.cat(per_sample).mean() / cfg.train.grad_accum
+        return torch.cat(per_sample).mean() / (accum or cfg.train.grad_accum)
 
     def next_indices(self, micro_batch: int) -> list[int]:
         n = len(self.images)
@@ -412,7 +420,7 @@ class Bench:
     def train_step(self, v: Variant, wrapped, optimizer, trainable) -> dict[str, float]:
         from sa2va.model import autocast
 
-        timer, info, accum = self.timer, self.info, self.cfg.train.grad_accum
+        timer, info, accum = self.timer, self.info, v.grad_accum or self.cfg.train.grad_accum
         multi = v.strategy != "single" and info.enabled
         sums: dict[str, Any] = {}
         loss_value: Any = 0.0
@@ -433,7 +441,7 @@ class Bench:
                 else:
                     refs = [self.ref_logits[i] for i in indices]
                 timer.mark("loss")
-                loss = self.loss(logits, indices, refs, sums, v.sync_metrics)
+                loss = self.loss(logits, indices, refs, sums, v.sync_metrics, accum)
                 timer.mark("heads_bwd")
                 loss.backward()
                 loss_value = loss_value + (float(loss.detach()) if v.sync_metrics else loss.detach())
@@ -466,7 +474,12 @@ class Bench:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         strategy = v.strategy if info.enabled else "single"
         wrap_info = info if strategy != "single" else dist.DistInfo(0, 1, info.local_rank, info.device)
-        wrapped = dist.wrap_policy(self.policy, strategy if strategy != "single" else "ddp", wrap_info, layers)
+        if strategy == "fsdp" and self.fsdp_wrapped is not None:
+            wrapped = self.fsdp_wrapped  # fully_shard is applied once; later FSDP variants reuse it
+        else:
+            wrapped = dist.wrap_policy(self.policy, strategy if strategy != "single" else "ddp", wrap_info, layers)
+        if strategy == "fsdp":
+            self.fsdp_wrapped = wrapped
         trainable = [p for p in wrapped.parameters() if p.requires_grad]
         fused = v.fused and self.device.type == "cuda"
         optimizer = torch.optim.AdamW(trainable, lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay,
@@ -487,12 +500,13 @@ class Bench:
         if v.ckpt:
             lm.gradient_checkpointing_disable()
         del optimizer
+        reserved = torch.cuda.max_memory_reserved(self.device) / 2**30 if self.device.type == "cuda" else None
         if wrapped is not self.policy:
             del wrapped
         gc.collect()
 
         world = info.world_size if strategy != "single" else 1
-        samples = v.micro_batch * self.cfg.train.grad_accum
+        samples = v.micro_batch * (v.grad_accum or self.cfg.train.grad_accum)
         step_s = float(np.mean([r["total"] for r in records]))
         phases = sorted({k for r in records for k in r} - {"total", "finite"})
         phase_s = {k: float(np.mean([r.get(k, 0.0) for r in records])) for k in phases}
@@ -510,7 +524,7 @@ class Bench:
             "samples_per_s_per_gpu": per_gpu, "samples_per_s_total": per_gpu * world,
             "phase_s_per_step": phase_s,
             "phase_ms_per_sample": {k: 1e3 * s / samples for k, s in phase_s.items()},
-            "peak_mem_gib": peak, "warmup_s": warmup_s, "steps": args.steps, "warmup_steps": args.warmup,
+            "peak_mem_gib": peak, "peak_reserved_gib": reserved, "warmup_s": warmup_s, "steps": args.steps, "warmup_steps": args.warmup,
             "mfu_useful": perf.mfu(useful, per_gpu), "mfu_executed": perf.mfu(executed, per_gpu),
             "nonfinite_steps": int(sum(1 - r["finite"] for r in records)),
         }
@@ -644,8 +658,11 @@ class ForceAnswer:
 
 def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInfo, results: dict,
                save) -> None:
-    multi_tokens = [t for t in tokens if t in ("ddp", "fsdp")] if info.enabled else []
-    single_tokens = [t for t in tokens if t not in ("ddp", "fsdp")]
+    def base(t: str) -> str:
+        return t.partition("@")[0]
+
+    multi_tokens = [t for t in tokens if base(t) in ("ddp", "fsdp")] if info.enabled else []
+    single_tokens = [t for t in tokens if base(t) not in ("ddp", "fsdp")]
     if not info.is_main and not multi_tokens:
         return
     entry = results.setdefault(preset, {"variants": {}})
@@ -703,7 +720,9 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
                   f"{f['sam_encoder_fwd'] / 1e12:.2f} T, reference fwd {f['reference_fwd'] / 1e12:.2f} T "
                   f"({time.perf_counter() - t0:.0f} s)")
         save()
-        order = [n for n in EAGER_VARIANTS if n in single_tokens] + (["compile"] if "compile" in single_tokens else [])
+        # Eager variants first (plan order), then compiled ones: compiling is not undone cheaply.
+        order = [t for t in single_tokens if base(t) in EAGER_VARIANTS]
+        order += [t for t in single_tokens if base(t) == "compile"]
         for name in order:
             v = make_variant(name, args.micro_batch, args.ddp_compile, args.fsdp_compile)
             t0 = time.perf_counter()
@@ -719,9 +738,8 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
     if multi_tokens:
         torch.distributed.barrier(group=WAIT_GROUP[0])  # gloo, long timeout: rank 0 ran the single-GPU part
         flops = dist.broadcast_object(flops)
-        for name in ("ddp", "fsdp"):
-            if name not in multi_tokens:
-                continue
+        # DDP before FSDP (fully_shard is applied once and stays); plan order within each.
+        for name in [t for t in multi_tokens if base(t) == "ddp"] + [t for t in multi_tokens if base(t) == "fsdp"]:
             v = make_variant(name, args.micro_batch, args.ddp_compile, args.fsdp_compile)
             t0 = time.perf_counter()
             try:
@@ -815,10 +833,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                                 "ddp_total": d["samples_per_s_total"], "world_size": d["world_size"],
                                 "scaling": d["samples_per_s_total"] / variants[base]["samples_per_s_per_gpu"],
                                 "peak_mem_gib_per_rank": d.get("peak_mem_gib_per_rank")}
-        if "fsdp" in variants:
-            shape["fsdp"] = {"samples_per_s_total": variants["fsdp"]["samples_per_s_total"],
-                             "peak_mem_gib_per_rank": variants["fsdp"].get("peak_mem_gib_per_rank"),
-                             "world_size": variants["fsdp"]["world_size"]}
+        fsdp = {n: {"samples_per_s_total": v["samples_per_s_total"], "micro_batch": v["variant"]["micro_batch"],
+                    "compile": v["variant"]["compile"], "peak_mem_gib_per_rank": v.get("peak_mem_gib_per_rank"),
+                    "world_size": v["world_size"]}
+                for n, v in variants.items() if n.partition("@")[0] == "fsdp"}
+        if fsdp:
+            shape["fsdp"] = fsdp
         if "eval" in entry:
             e = entry["eval"]
             evals[key] = {k: e.get(k) for k in ("forward_images_per_s", "forward_batch", "generate_images_per_s",

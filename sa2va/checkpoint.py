@@ -13,8 +13,10 @@ renamed when complete (with a COMPLETE marker written last inside it). It holds:
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,30 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files are intact; damaged ones are passed over."""
     for path in reversed(list_checkpoints(output_dir)):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
+        if checkpoint_problem(path) is None:
             return path
-        except (OSError, json.JSONDecodeError):
-            continue  # damaged after the rename (disk trouble): fall back to the previous one
+        # damaged after the rename (disk trouble, a hand edit): fall back to the previous one
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None. Cheap: headers only."""
+    from safetensors import safe_open
+
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+            return "trainer_state.json has no step"
+        with safe_open(str(path / "trained.safetensors"), framework="pt"):
+            pass  # the header is parsed and the file must cover every tensor it lists
+        if not zipfile.is_zipfile(path / "training_state.pt"):  # torch.save's format; truncation loses the index
+            return "training_state.pt is not a complete torch.save file"
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, bytes that are not UTF-8
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
+        return f"{type(err).__name__}: {err}"
     return None
 
 
@@ -81,6 +101,7 @@ def save_checkpoint(
     best=True writes checkpoints/best instead (the best held-out Dice; never pruned).
     """
     target = checkpoint_dir(output_dir) / ("best" if best else f"step_{step:07d}")
+    remove_stale(checkpoint_dir(output_dir))
     with atomic_dir(target, overwrite=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trained.items()}, str(tmp / "trained.safetensors"))
         if peft_model is not None:
@@ -92,6 +113,30 @@ def save_checkpoint(
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def remove_stale(folder: Path) -> None:
+    """Clear what a killed writer left in `folder` (one writer per folder: rank 0 of one run).
+
+    `.NAME.<random>.tmp` folders are unfinished writes: removed. `.NAME.old` is a complete
+    folder that atomic_dir was replacing: put back if NAME is missing (killed between its two
+    renames), else removed.
+    """
+    if not folder.is_dir():
+        return
+    for item in folder.iterdir():
+        if not item.name.startswith("."):
+            continue
+        if item.name.endswith(".tmp") and item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+        elif item.name.endswith(".tmp"):
+            item.unlink(missing_ok=True)
+        elif item.name.endswith(".old") and item.is_dir():
+            original = folder / item.name[1:-len(".old")]
+            if original.exists():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                os.replace(item, original)
 
 
 def save_adapter(peft_model: nn.Module, trained: dict[str, torch.Tensor], folder: Path) -> None:
@@ -114,7 +159,14 @@ def load_trained(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    file = path / "training_state.pt"
+    try:
+        # weights_only: tensors and plain containers only; a pickle that would run code is refused
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, a torn zip, a missing file: one line
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot load {file} (loaded with torch.load(weights_only=True)): "
+                        f"{type(err).__name__}: {first}") from err
 
 
 def apply_trained(model: nn.Module, trained: dict[str, torch.Tensor], source: Path) -> None:
@@ -145,6 +197,9 @@ def export_hf(sa2va: Any, out: str | Path, overwrite: bool = False) -> Path:
     model.language_model = model.language_model.merge_and_unload()
     model.requires_grad_(False)
     model.to(sa2va.dtype)  # trained parameters were float32 masters; store the base dtype
+    out = Path(out)
+    for stale in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)  # an export that was killed half-way
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp))  # handles tied weights and sharding
         # The remote code, tokenizer and the original config.json (with its auto_map).

@@ -30,6 +30,9 @@ class ModelConfig:
     # Loading runs the Python files shipped in the model folder; the user must say yes.
     trust_remote_code: bool = False
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    # Benchmarks only: build the architecture from config.json with random weights (a folder
+    # written by `python -m sa2va.tiny --preset 26b --no-weights`); nothing is exported.
+    random_weights: bool = False
     question: str = "Please segment the blood vessels."
     answer: str = "It is [SEG]."
 

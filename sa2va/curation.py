@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import UserError
-from .fileio import read_mask, read_rgb, safe_join, write_json, write_mask
+from .fileio import check_writable_dir, read_mask, read_rgb, safe_join, write_json, write_mask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # as sa2va.data reads them
 SOURCES = ("given", "model", "perturb")
@@ -707,9 +707,15 @@ def make_stage(out: Path, same_as_data: bool) -> Path:
     parent = out if same_as_data else out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.curate.", suffix=".tmp", dir=parent))
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.curate.", suffix=".tmp", dir=parent))
     except OSError as err:
         raise UserError(f"cannot write to {parent}: {err.strerror}") from err
+    try:
+        check_writable_dir(stage)  # a full disk fails here, before any work, not half-way
+    except UserError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(f"cannot write to {parent}: {getattr(err.__cause__, 'strerror', err)}") from err
+    return stage
 
 
 __all__ = [

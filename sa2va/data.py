@@ -43,7 +43,7 @@ def read_pairs(root: str | Path, annotations: str = "dpo_annotations.json",
                         "`python curate_data.py --data DIR --min-gap 0.15` makes one")
     try:
         raw = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
         raise UserError(f"{file} is not valid JSON: {err}") from err
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{file} must hold a non-empty list of pairs")
@@ -71,17 +71,29 @@ def read_pairs(root: str | Path, annotations: str = "dpo_annotations.json",
 
 
 class PairDataset(Dataset):
-    """Yields raw arrays; the model-specific preprocessing happens in the training loop."""
+    """Yields raw arrays; the model-specific preprocessing happens in the training loop.
+
+    Every image and mask is read and checked here, when the data set is made (before any
+    model is loaded), and kept: a truncated PNG or a wrong-size mask stops the run at once,
+    not after a long model load. An image shared by several pairs is read once.
+    """
 
     def __init__(self, entries: list[PairEntry]):
         self.entries = entries
+        images: dict[Path, np.ndarray] = {}
+        self.items = [self._load(i, images) for i in range(len(entries))]
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+    def _load(self, index: int, images: dict[Path, np.ndarray]) -> dict[str, Any]:
         entry = self.entries[index]
-        image = read_rgb(entry.image)
+        if entry.image not in images:
+            images[entry.image] = read_rgb(entry.image)
+        image = images[entry.image]
         chosen = read_mask(entry.chosen)
         rejected = read_mask(entry.rejected)
         for name, mask in (("chosen mask", chosen), ("rejected mask", rejected)):

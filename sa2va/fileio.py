@@ -92,8 +92,11 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
-            pass
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test.") as probe:
+            # An empty file can be created on a full disk; bytes that reach the disk cannot.
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
         raise UserError(f"output folder {path} is not writable: {err.strerror}") from err
     return path
@@ -130,6 +133,9 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             arr = np.asarray(img)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(f"cannot read mask {path}: {err}") from err
+    if mode == "RGBA" and not np.all(arr[..., 3] == 255):
+        raise UserError(f"mask {path} has transparency (an alpha channel that is not fully opaque); masks are "
+                        "read from their grey values, so the alpha is not used: save a single-channel 0/255 mask")
     if mode in ("RGB", "RGBA"):
         colour = arr[..., :3]
         if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
@@ -166,7 +172,10 @@ def safe_join(root: str | os.PathLike, relative: str, what: str) -> Path:
         raise UserError(f"{what}: expected a relative path string, got {relative!r}")
     if os.path.isabs(relative):
         raise UserError(f"{what}: absolute path {relative!r} is not allowed; paths are relative to {root}")
-    full = (root / relative).resolve()
+    try:
+        full = (root / relative).resolve()
+    except (OSError, ValueError) as err:  # a NUL byte, a symlink loop
+        raise UserError(f"{what}: path {relative!r} cannot be used: {err}") from err
     if full != root and root not in full.parents:
         raise UserError(f"{what}: path {relative!r} leaves the data folder {root}")
     return full

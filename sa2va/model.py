@@ -75,7 +75,7 @@ class Sa2VA:
 # --------------------------------------------------------------------------- loading
 
 
-def check_model_folder(path: str | Path) -> dict[str, Any]:
+def check_model_folder(path: str | Path, need_weights: bool = True) -> dict[str, Any]:
     """Check that `path` is a Sa2VA remote-code folder; name the missing file or field."""
     folder = Path(path)
     if not folder.is_dir():
@@ -99,7 +99,7 @@ def check_model_folder(path: str | Path) -> dict[str, Any]:
     for key in ("template", "llm_config", "vision_config"):
         if key not in config:
             raise UserError(f"{config_file} has no {key!r} field")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+    if need_weights and not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"model folder {folder} has no weights ({' or '.join(WEIGHT_FILES[:2])})")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"model folder {folder} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
@@ -180,10 +180,14 @@ def _fix_meta_buffers(model: nn.Module, device: torch.device) -> None:
             module.freqs_cis = module.compute_cis(end_x=side, end_y=side).to(device)
 
 
-def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", dtype: str = "auto") -> Sa2VA:
-    """Load a Sa2VA HF folder through AutoModel/AutoTokenizer and read its facts."""
+def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", dtype: str = "auto",
+               random_weights: bool = False) -> Sa2VA:
+    """Load a Sa2VA HF folder through AutoModel/AutoTokenizer and read its facts.
+
+    random_weights=True builds the architecture of config.json with random weights instead
+    (benchmarks at real shapes without real weights), directly on the device."""
     folder = Path(path)
-    config = check_model_folder(folder)
+    config = check_model_folder(folder, need_weights=not random_weights)
     if not trust_remote_code:
         code = ", ".join(sorted(p.name for p in folder.glob("*.py"))) or "its Python files"
         raise UserError(
@@ -196,7 +200,14 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     _install_transformers_compat()
     _ensure_post_init(folder, config["auto_map"]["AutoModel"])
     try:
-        model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch_dtype)
+        if random_weights:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+            with dev:
+                model = AutoModel.from_config(hf_config, trust_remote_code=True, dtype=torch_dtype)
+        else:
+            model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch_dtype)
     except ImportError as err:
         raise UserError(f"cannot import the remote code of {folder}: {err}") from err
     try:
