@@ -105,14 +105,16 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
     return factor
 
 
-def encode_all(sa2va: Sa2VA, images: list[np.ndarray], batch: int, info: dist.DistInfo, what: str) -> list[FrozenFeatures]:
-    """Frozen encoder features of each image, computed once and kept on the CPU."""
+def encode_all(sa2va: Sa2VA, images: list[np.ndarray], batch: int, info: dist.DistInfo, what: str,
+               on_device: bool = True) -> list[FrozenFeatures]:
+    """Frozen encoder features of each image, computed once, kept on the device or the CPU."""
+    keep = sa2va.device if on_device else torch.device("cpu")
     out: list[FrozenFeatures] = []
     with progress(info, f"encoding {what}", len(images)) as advance:
         for start in range(0, len(images), batch):
             chunk = images[start : start + batch]
             with autocast(sa2va):
-                feats = encode_frozen(sa2va, prepare_images(sa2va, chunk)).to(torch.device("cpu"))
+                feats = encode_frozen(sa2va, prepare_images(sa2va, chunk)).to(keep)
             out.extend(feats.select([i]) for i in range(len(chunk)))
             advance(len(chunk))
     return out
@@ -140,15 +142,9 @@ class progress:
             self.bar.__exit__(*exc)
 
 
-def loss_targets(logits: torch.Tensor, masks: list[torch.Tensor], sa2va: Sa2VA, resolution: str) -> tuple:
-    """Per-sample (logits, mask) at the loss resolution (see LossConfig.resolution)."""
-    pairs = []
-    for i, mask in enumerate(masks):
-        z = logits[i : i + 1]
-        if resolution == "full":
-            z = upsample_logits(z, sa2va.sam_size, tuple(mask.shape[-2:]))
-        pairs.append(z)
-    return pairs
+def at_loss_resolution(logits: torch.Tensor, sa2va: Sa2VA, size: tuple[int, int], resolution: str) -> torch.Tensor:
+    """Low-res logits (N, 1, h, w) at the loss resolution (see LossConfig.resolution)."""
+    return upsample_logits(logits, sa2va.sam_size, size) if resolution == "full" else logits.float()
 
 
 @torch.no_grad()
@@ -208,7 +204,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     # 3. Frozen work once (every rank encodes every image: no traffic, and ranks see all
     #    images across epochs). With cache_frozen=false the encoders rerun every step.
     batch = cfg.train.micro_batch_size
-    features = encode_all(sa2va, images, max(batch, 4), info, "images") if cfg.train.cache_frozen else None
+    features = (encode_all(sa2va, images, max(batch, 4), info, "images", cfg.train.cache_on_device)
+                if cfg.train.cache_frozen else None)
 
     def batch_features(indices: list[int]) -> FrozenFeatures:
         if features is not None:
@@ -243,6 +240,11 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     val = None
     if cfg.data.val_root:
         val = load_validation(cfg, sa2va, info)
+    if cfg.train.cache_frozen and info.device.type == "cuda":
+        # Every image is encoded: the frozen encoders (6B ViT + SAM2 at 26B) can leave the GPU.
+        sa2va.model.vision_model.to("cpu")
+        sa2va.sam2.image_encoder.to("cpu")
+        torch.cuda.empty_cache()
 
     unreachable = freeze_unreachable(policy, batch_features([0]), sa2va)
     if unreachable:
@@ -328,26 +330,31 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             first = position * cfg.train.grad_accum
             micro = [order[(first + m) * batch : (first + m + 1) * batch] for m in range(cfg.train.grad_accum)]
             started = time.perf_counter()
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
             loss_value = 0.0
             for m, indices in enumerate(micro):
                 last_micro = m == len(micro) - 1
                 with dist.no_grad_sync(wrapped, enabled=info.enabled and not last_micro):
                     with autocast(sa2va):
                         logits = wrapped(batch_features(indices))
-                    per_sample = []
+                    # Pairs whose masks share a size are scored together (one upsample, one loss call).
+                    by_size: dict[tuple[int, int], list[int]] = {}
                     for j, i in enumerate(indices):
-                        z = loss_targets(logits[j : j + 1], [chosen[i]], sa2va, cfg.loss.resolution)[0]
+                        by_size.setdefault(tuple(chosen[i].shape[-2:]), []).append(j)
+                    per_sample = []
+                    for size, js in by_size.items():
+                        pair_ids = [indices[j] for j in js]
+                        z = at_loss_resolution(logits[js], sa2va, size, cfg.loss.resolution)
                         zref = None
                         if ref_logits is not None:
-                            zref = loss_targets(ref_logits[image_of_pair[i]][None].to(sa2va.device), [chosen[i]], sa2va,
-                                                cfg.loss.resolution)[0]
-                        w = chosen[i][None].to(sa2va.device)
-                        l = rejected[i][None].to(sa2va.device)
-                        loss_i, parts = combined_loss(cfg.loss, z, w, l, zref)
-                        per_sample.append(loss_i)
+                            zref = torch.stack([ref_logits[image_of_pair[i]] for i in pair_ids]).to(sa2va.device)
+                            zref = at_loss_resolution(zref, sa2va, size, cfg.loss.resolution)
+                        w = torch.stack([chosen[i] for i in pair_ids]).to(sa2va.device)
+                        l = torch.stack([rejected[i] for i in pair_ids]).to(sa2va.device)
+                        losses, parts = combined_loss(cfg.loss, z, w, l, zref)
+                        per_sample.append(losses)
                         for key, value in parts.items():
-                            sums[key] = sums.get(key, 0.0) + float(value.sum())
+                            sums[key] = sums.get(key, 0.0) + value.sum()
                     loss = torch.cat(per_sample).mean() / cfg.train.grad_accum
                     loss.backward()
                     loss_value += float(loss.detach())
@@ -378,7 +385,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             step += 1
 
             n_samples = batch * cfg.train.grad_accum
-            record = {k: v / n_samples for k, v in sums.items()}
+            record = {k: float(v) / n_samples for k, v in sums.items()}  # one host sync per metric per step
             record["loss"] = loss_value
             record["grad_norm"] = float(grad_norm) if finite else float("nan")
             record = dist.all_reduce_mean(record, info.device)
@@ -432,7 +439,7 @@ def load_validation(cfg: Config, sa2va: Sa2VA, info: dist.DistInfo):
         ids = json.loads((root / "holdout.json").read_text()).get("ids")
     entries = list_image_folder(root, need_masks=True, ids=ids)[: cfg.data.val_max_images]
     loaded = [load_image_entry(e) for e in entries]
-    feats = encode_all(sa2va, [x[0] for x in loaded], 4, info, "held-out images")
+    feats = encode_all(sa2va, [x[0] for x in loaded], 4, info, "held-out images", cfg.train.cache_on_device)
     return feats, [x[1] for x in loaded], [x[2] for x in loaded]
 
 

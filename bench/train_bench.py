@@ -27,7 +27,11 @@ Plan tokens (per preset; eager ones run first, then compiled, then multi-GPU):
             loop's per-sample host syncs of the logged metrics)
   compile   opt with each LLM decoder layer torch.compile'd (train.compile=true)
   ddp       compile (or opt with --no-ddp-compile) under DDP on every rank
-  fsdp      opt under FSDP2 (fully_shard per decoder layer + the policy) on every rank
+  fsdp      opt under FSDP2 (fully_shard per decoder layer + the policy) on every rank (eager)
+  fsdpc     fsdp with the per-layer compile
+  NAME@MB or NAME@MBxACCUM sets a variant's micro-batch (and accumulation), e.g. compile@32x1
+    python bench/train_bench.py --summarise-from run1.json run2.json --out docs/performance.json
+merges the results of several runs into the summary of docs/performance.json.
 FLOPs (sa2va.perf.count_flops) are counted once per preset; the ratio naive/optimised and the
 DDP scaling are computed from the same run. Results go to --out (JSON, rewritten after every
 variant) and a table is printed at the end.
@@ -62,7 +66,8 @@ from sa2va import perf  # noqa: E402
 
 WAIT_GROUP: list[Any] = [None]  # a gloo group for the long wait of rank 1 (set in main)
 EAGER_VARIANTS = ("naive", "opt", "nocache", "mb1", "refsep", "fullvocab", "foreach", "nosync", "ckpt")
-PLAN_TOKENS = ("eval",) + EAGER_VARIANTS + ("compile", "ddp", "fsdp")
+MULTI_VARIANTS = ("ddp", "fsdp", "fsdpc")
+PLAN_TOKENS = ("eval",) + EAGER_VARIANTS + ("compile",) + MULTI_VARIANTS
 IMAGE_SIZE = 512  # one 448 px ViT tile (512 x 512 -> a 1 x 1 grid, no thumbnail)
 
 
@@ -105,6 +110,7 @@ def make_variant(token: str, micro_batch: int, ddp_compile: bool, fsdp_compile: 
         "compile": replace(opt, name="compile", compile=True),
         "ddp": replace(opt, name="ddp", compile=ddp_compile, strategy="ddp"),
         "fsdp": replace(opt, name="fsdp", compile=fsdp_compile, strategy="fsdp"),
+        "fsdpc": replace(opt, name="fsdpc", compile=True, strategy="fsdp"),
     }
     return table[name]
 
@@ -661,8 +667,8 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
     def base(t: str) -> str:
         return t.partition("@")[0]
 
-    multi_tokens = [t for t in tokens if base(t) in ("ddp", "fsdp")] if info.enabled else []
-    single_tokens = [t for t in tokens if base(t) not in ("ddp", "fsdp")]
+    multi_tokens = [t for t in tokens if base(t) in MULTI_VARIANTS] if info.enabled else []
+    single_tokens = [t for t in tokens if base(t) not in MULTI_VARIANTS]
     if not info.is_main and not multi_tokens:
         return
     entry = results.setdefault(preset, {"variants": {}})
@@ -739,7 +745,7 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
         torch.distributed.barrier(group=WAIT_GROUP[0])  # gloo, long timeout: rank 0 ran the single-GPU part
         flops = dist.broadcast_object(flops)
         # DDP before FSDP (fully_shard is applied once and stays); plan order within each.
-        for name in [t for t in multi_tokens if base(t) == "ddp"] + [t for t in multi_tokens if base(t) == "fsdp"]:
+        for name in [t for t in multi_tokens if base(t) == "ddp"] + [t for t in multi_tokens if base(t) != "ddp"]:
             v = make_variant(name, args.micro_batch, args.ddp_compile, args.fsdp_compile)
             t0 = time.perf_counter()
             try:
@@ -797,12 +803,15 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         if best_name:
             b = variants[best_name]
             shape.update({"best_variant": best_name, "train_samples_per_s_per_gpu": b["samples_per_s_per_gpu"],
-                          "mfu": b["mfu_useful"], "peak_mem_gb": b["peak_mem_gib"],
+                          "mfu": b["mfu_useful"], "peak_mem_gib": b["peak_mem_gib"],
+                          "peak_mem_gb": b["peak_mem_gib"] * 2**30 / 1e9 if b["peak_mem_gib"] else None,
                           "step_ms_per_sample": b["phase_ms_per_sample"]})
         shape["variants"] = {n: {"samples_per_s_per_gpu": v["samples_per_s_per_gpu"],
                                  "samples_per_s_total": v["samples_per_s_total"], "world_size": v["world_size"],
                                  "micro_batch": v["variant"]["micro_batch"], "mfu": v["mfu_useful"],
                                  "mfu_executed": v["mfu_executed"], "peak_mem_gib": v["peak_mem_gib"],
+                                 "step_ms_per_sample": v["phase_ms_per_sample"],
+                                 **({"run": v["run"]} if "run" in v else {}),
                                  **({"peak_mem_gib_per_rank": v["peak_mem_gib_per_rank"]}
                                     if "peak_mem_gib_per_rank" in v else {})}
                              for n, v in variants.items()}
@@ -822,6 +831,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                                 "optimised_samples_per_s": variants[best_name]["samples_per_s_per_gpu"],
                                 "ratio": variants[best_name]["samples_per_s_per_gpu"]
                                 / variants["naive"]["samples_per_s_per_gpu"]}
+            same = [n for n in variants if variants[n]["world_size"] == 1
+                    and variants[n].get("run") == variants["naive"].get("run")]
+            best_same = max(same, key=lambda n: variants[n]["samples_per_s_per_gpu"])
+            naive_ratio[key]["same_run_optimised"] = best_same
+            naive_ratio[key]["same_run_ratio"] = (variants[best_same]["samples_per_s_per_gpu"]
+                                                  / variants["naive"]["samples_per_s_per_gpu"])
             if "opt" in variants:
                 naive_ratio[key]["ratio_eager_opt"] = (variants["opt"]["samples_per_s_per_gpu"]
                                                        / variants["naive"]["samples_per_s_per_gpu"])
@@ -836,7 +851,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         fsdp = {n: {"samples_per_s_total": v["samples_per_s_total"], "micro_batch": v["variant"]["micro_batch"],
                     "compile": v["variant"]["compile"], "peak_mem_gib_per_rank": v.get("peak_mem_gib_per_rank"),
                     "world_size": v["world_size"]}
-                for n, v in variants.items() if n.partition("@")[0] == "fsdp"}
+                for n, v in variants.items() if v["variant"]["strategy"] == "fsdp"}
         if fsdp:
             shape["fsdp"] = fsdp
         if "eval" in entry:
@@ -895,11 +910,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--workdir", default=None, help="where the weightless checkpoint folders go")
     p.add_argument("--out", default=None, help="results JSON (full); SUMMARY next to it as *.summary.json")
+    p.add_argument("--summarise-from", nargs="+", default=None, metavar="RESULTS",
+                   help="merge results JSONs of several runs (later runs add variants) and write the "
+                        "summary to --out; runs nothing")
     return p.parse_args(argv)
+
+
+def merge_results(files: list[str]) -> dict[str, Any]:
+    """Results of several runs as one: per shape, later runs add variants (and missing parts)."""
+    merged: dict[str, Any] = {"runs": []}
+    for name in files:
+        run = json.loads(Path(name).read_text())
+        merged["runs"].append({"file": Path(name).name, **{k: run["meta"].get(k) for k in
+                                                           ("torch", "transformers", "device", "world_size", "plan")}})
+        for preset, entry in run.items():
+            if preset == "meta" or not isinstance(entry, dict):
+                continue
+            target = merged.setdefault(preset, {"variants": {}})
+            for key, value in entry.items():
+                if key == "variants":
+                    for vname, v in value.items():
+                        target["variants"][vname] = dict(v, run=Path(name).name)
+                elif key not in target:
+                    target[key] = value
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarise_from:
+        merged = merge_results(args.summarise_from)
+        summary = summarise(merged)
+        summary["runs"] = merged["runs"]
+        text = json.dumps(summary, indent=1, default=str)
+        Path(args.out).write_text(text + "\n") if args.out else print(text)
+        print_table(merged)
+        return 0
     plan = parse_plan(args.plan if args.preset is None else
                       " ".join(f"{p}={args.variants}" for p in args.preset.split(",")))
     # Images before any CUDA work (the worker processes fork).

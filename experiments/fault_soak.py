@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--early", type=float, default=0.2, help="share of kills drawn before the training loop")
     args = p.parse_args(argv)
     started = time.time()
-    results = soak(args.work, args.procs, args.kills, args.seed, args.early)
+    results = soak(args.work, args.procs, args.kills, args.seed, args.early,
+                   say=lambda *a: print(*a, flush=True))
     rows = summary(results)
     print("\nprocesses  kills  landed                                   resumed-from-newest  bit-identical  held")
     for r in rows:

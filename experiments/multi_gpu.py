@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,9 +51,11 @@ def main() -> None:
     parser.add_argument("--scaling-steps", type=int, default=40)
     parser.add_argument("--preset", default="26b")
     parser.add_argument("--only", default="ddp,fsdp,fault", help="which parts to run")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. train.micro_batch_size=4)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     work = Path("/tmp/multi_gpu_work")
+    shutil.rmtree(work / "runs", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     log = out / "multi_gpu.log"
@@ -73,12 +76,14 @@ def main() -> None:
             raise SystemExit(f"setup failed: {' '.join(cmd)} (see {log})")
 
     def torchrun(n: int, name: str, steps: int, *extra: str, env: dict | None = None) -> tuple[int, Path, float]:
-        run_dir = out / name
+        run_dir = work / "runs" / name
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "train_dpo.py", "--cfg", "configs/v8.yaml",
                f"model.path={model}", "model.random_weights=true", f"data.root={data}", f"output_dir={run_dir}",
-               f"max_steps={steps}", "train.save_every=20", "data.max_samples=null", *extra]
+               f"max_steps={steps}", "train.save_every=20", "data.max_samples=null", *args.overrides, *extra]
         started = time.perf_counter()
         rc = sh(cmd, log, env)
+        if (run_dir / "metrics.jsonl").is_file():  # only small files travel back
+            shutil.copy(run_dir / "metrics.jsonl", out / f"{name}_metrics.jsonl")
         results.setdefault("commands", {})[name] = " ".join(cmd).replace(py, "python").replace(str(REPO) + "/", "")
         return rc, run_dir, time.perf_counter() - started
 
@@ -99,10 +104,10 @@ def main() -> None:
     if "fault" in parts:
         # Start a run, wait for its step-40 checkpoint, SIGKILL the last rank, then --resume.
         name = "fault"
-        run_dir = out / name
+        run_dir = work / "runs" / name
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus), "train_dpo.py", "--cfg",
                "configs/v8.yaml", f"model.path={model}", "model.random_weights=true", f"data.root={data}",
-               f"output_dir={run_dir}", "max_steps=80", "train.save_every=20", "data.max_samples=null"]
+               f"output_dir={run_dir}", "max_steps=80", "train.save_every=20", "data.max_samples=null", *args.overrides]
         with open(log, "a") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()

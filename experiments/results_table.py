@@ -77,13 +77,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--results", default="docs/results.json")
+    parser.add_argument("--bench", help="reuse the baseline/ and pairs/ of an existing demo output folder")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     py = sys.executable
     recipes = args.recipes.split(",")
 
     # 1. The demo's benchmark (baseline, data, pairs): run the demo with no training steps of its own.
-    bench = work / "bench"
+    bench = Path(args.bench).resolve() if args.bench else work / "bench"
     if not (bench / "pairs" / "dpo_annotations.json").is_file():
         shutil.rmtree(bench, ignore_errors=True)
         run([py, "-m", "sa2va.demo", "--out", str(bench), "--stop-after", "pairs"], work / "logs" / "bench.log")

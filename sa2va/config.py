@@ -107,6 +107,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # NaN/inf steps in a row before the run stops
     cache_frozen: bool = True  # ViT and SAM2 image-encoder features computed once per image
+    cache_on_device: bool = True  # keep them on the GPU (~10 MB per image at real sizes) or in CPU memory
     activation_checkpointing: bool = False
     compile: bool = False
 

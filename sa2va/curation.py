@@ -169,7 +169,10 @@ def read_holdout_ids(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--holdout-ids file {path} not found")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as err:  # ValueError: bytes that are not UTF-8
+        raise UserError(f"cannot read --holdout-ids file {path}: {err}") from err
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -168,7 +168,7 @@ def default_out(model: Path) -> Path:
 def read_holdout(file: Path) -> list[str]:
     try:
         raw = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise UserError(f"cannot read {file}: {err}") from err
     ids = raw.get("ids") if isinstance(raw, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -705,7 +705,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         raise UserError(f"result file {file} not found")
     try:
         data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise UserError(f"{file} is not a readable results.json: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("per_image"), dict) or not data["per_image"]:
         raise UserError(f"{file} has no per_image block: not a results.json written by evaluate.py")
