@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--scaling-steps", type=int, default=40)
     parser.add_argument("--preset", default="26b")
+    parser.add_argument("--fault-steps", type=int, default=80, help="fault run: steps (checkpoints every quarter)")
     parser.add_argument("--only", default="ddp,fsdp,fault", help="which parts to run")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. train.micro_batch_size=4)")
     args = parser.parse_args()
@@ -107,16 +108,17 @@ def main() -> None:
         run_dir = work / "runs" / name
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus), "train_dpo.py", "--cfg",
                "configs/v8.yaml", f"model.path={model}", "model.random_weights=true", f"data.root={data}",
-               f"output_dir={run_dir}", "max_steps=80", "train.save_every=20", "data.max_samples=null", *args.overrides]
+               f"output_dir={run_dir}", f"max_steps={args.fault_steps}", f"train.save_every={args.fault_steps // 4}",
+               "data.max_samples=null", *args.overrides]
         with open(log, "a") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             agent = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-            target = run_dir / "checkpoints" / "step_0000040" / "COMPLETE"
+            target = run_dir / "checkpoints" / f"step_{args.fault_steps // 2:07d}" / "COMPLETE"
             killed_at = None
             while agent.poll() is None:
                 if target.is_file() and killed_at is None and (run_dir / "metrics.jsonl").is_file():
-                    time.sleep(3)  # let a few more steps run: they are the ones a crash loses
+                    time.sleep(2)  # let a few more steps run: they are the ones a crash loses
                     workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
                     if workers:
                         os.kill(int(workers[-1]), signal.SIGKILL)
@@ -128,12 +130,13 @@ def main() -> None:
 
         last = latest_checkpoint(run_dir)
         resumed_from = int(last.name.split("_")[1]) if last else 0
-        rc, _, wall = torchrun(args.gpus, name, 80, "--resume")
+        rc, _, wall = torchrun(args.gpus, name, args.fault_steps, f"train.save_every={args.fault_steps // 4}", "--resume")
         steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results["fault"] = {"killed_rank": args.gpus - 1, "last_logged_step_before_kill": killed_at,
                             "killed_run_exit": rc_killed, "resume_exit": rc, "resumed_from": resumed_from,
                             "steps_lost": (killed_at - resumed_from) if killed_at else None,
-                            "final_step": steps[-1], "steps_in_log_after_resume": steps == list(range(1, 81))}
+                            "final_step": steps[-1],
+                            "steps_in_log_after_resume": steps == list(range(1, args.fault_steps + 1))}
     (out / "multi_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

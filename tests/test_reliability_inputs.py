@@ -23,7 +23,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import REPO
 from scipy import ndimage
@@ -41,12 +40,6 @@ class Tripwire(Exception):
 # --------------------------------------------------------------------------- folders
 
 
-def _mask_array(name: str = "mask.png") -> np.ndarray:
-    from sa2va.fileio import read_mask
-
-    return read_mask(BAD / name)
-
-
 def data_folder(root: Path, image: str = "image.png", mask: str | None = "mask.png", second: bool = True) -> Path:
     """DATA/images/a.png + masks/a.png from the corpus (+ a good b.png): evaluate and curate read it."""
     (root / "images").mkdir(parents=True)
@@ -62,10 +55,10 @@ def data_folder(root: Path, image: str = "image.png", mask: str | None = "mask.p
 
 def pair_folder(root: Path, pairs: str | None = None, image: str = "image.png", chosen: str = "mask.png") -> Path:
     """A pair folder (train_dpo.py's data.root): one pair a.png, its files from the corpus."""
-    from sa2va.fileio import write_mask
+    from sa2va.fileio import read_mask, write_mask
 
     data_folder(root, image=image, mask=chosen, second=False)
-    write_mask(root / "rejected_masks" / "a.png", ndimage.binary_dilation(_mask_array()))
+    write_mask(root / "rejected_masks" / "a.png", ndimage.binary_dilation(read_mask(BAD / "mask.png")))
     outside = root.parent / "outside"
     outside.mkdir(exist_ok=True)
     shutil.copyfile(BAD / "image.png", outside / "a.png")
@@ -253,17 +246,19 @@ YAML_CASES = [
     ("YAML that is a list", "cfg_not_mapping.yaml", ("mapping",), ""),
     ("YAML syntax error", "cfg_bad_syntax.yaml", ("not valid YAML",), MULTILINE),
     ("YAML with loss.beta: .nan", "cfg_nan_beta.yaml", ("loss.beta",), ""),
-    ("YAML lr: .inf", "cfg_inf_lr.yaml", ("optim.lr",),
+    ("YAML with optim.lr: .inf", "cfg_inf_lr.yaml", ("optim.lr",),
      "sa2va/config.py validate() accepts inf (lr > 0 holds); fix in the report"),
     ("YAML not UTF-8", "cfg_not_utf8.yaml", ("cfg_not_utf8.yaml",),
      "sa2va/config.py load_config reads the file outside its try (UnicodeDecodeError); fix in the report"),
 ]
 for label, arg, names, gap in YAML_CASES:
     CASES.append(Case(label, "train", "refused", names, "yaml", arg, known_gap=gap))
+# evaluate.py reads a run config only inside a training checkpoint (its config.yaml).
 for label, arg, names, gap in YAML_CASES:
     if arg in ("cfg_unknown_key.yaml", "cfg_python_tag.yaml", "cfg_wrong_type.yaml", "cfg_not_utf8.yaml"):
-        CASES.append(Case(label + " (a checkpoint's config.yaml)", "evaluate", "refused", names[:1] if arg != "cfg_not_utf8.yaml" else ("config.yaml",),
-                          "yaml", arg, known_gap=gap))
+        named = ("config.yaml",) if arg == "cfg_not_utf8.yaml" else names[:1]
+        CASES.append(Case(label + " (a checkpoint's config.yaml)", "evaluate", "refused", named, "yaml", arg,
+                          known_gap=gap))
 CASES.append(Case("override of a wrong type (train.grad_accum=two)", "train", "refused", ("train.grad_accum",),
                   "yaml", "override"))
 
@@ -289,6 +284,9 @@ for command in ("curate", "train", "evaluate"):
     CASES.append(Case("output folder under a regular file", command, "refused", ("a_file",), "out", "file"))
 CASES.append(Case("--compare of a truncated results.json", "evaluate --compare", "refused", ("results.json",),
                   "data", "results"))
+CASES.append(Case("holdout.json not UTF-8", "evaluate", "refused", ("holdout.json",), "data", "ids_not_utf8.json"))
+CASES.append(Case("--holdout-ids file not UTF-8", "curate", "refused", ("ids_not_utf8.json",), "data",
+                  "ids_not_utf8.json"))
 
 
 def _argv(case: Case, tmp: Path, tiny: Path, pairs: Path) -> tuple[str, list[str], bool, Path]:
@@ -333,6 +331,8 @@ def _argv(case: Case, tmp: Path, tiny: Path, pairs: Path) -> tuple[str, list[str
         data_folder(data, mask=case.arg)
     else:
         data_folder(data)
+    if case.arg == "ids_not_utf8.json":
+        shutil.copyfile(BAD / case.arg, data / "holdout.json" if command == "evaluate" else tmp / case.arg)
 
     if command == "evaluate":
         if case.arg == "results":
@@ -354,6 +354,8 @@ def _argv(case: Case, tmp: Path, tiny: Path, pairs: Path) -> tuple[str, list[str
         argv += ["--rejected", "perturb"]
     if "--skip-bad" in case.command:
         argv.append("--skip-bad")
+    if case.arg == "ids_not_utf8.json":
+        argv += ["--holdout-ids", str(tmp / case.arg)]
     return command, argv, model_stage, out
 
 
@@ -370,8 +372,9 @@ def _table():
         Path(target).write_text("\n".join(lines) + "\n")
 
 
-def _record(case: Case, outcome: Outcome, held: bool) -> None:
-    message = outcome.message.replace("|", "\\|").replace("\n", " ")
+def _record(case: Case, outcome: Outcome, held: bool, tmp: Path) -> None:
+    message = outcome.message.replace(str(tmp), "TMP").replace(str(BAD), "tests/bad_inputs")
+    message = message.replace("|", "\\|").replace("\n", " ")
     if len(message) > 150:
         message = message[:147] + "..."
     result = f"{outcome.kind}: `{message}`" if outcome.kind != "accepted" else f"accepted ({outcome.message})"
@@ -388,7 +391,8 @@ def test_bad_input(case: Case, tmp_path, tiny_model, tiny_pairs, monkeypatch):
     outcome = invoke(command, argv, monkeypatch, model_stage)
     problems = []
     if case.expect == "skipped":
-        report = json.loads((out / "curation_report.json").read_text()) if (out / "curation_report.json").is_file() else {}
+        report_file = out / "curation_report.json"
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
         reasons = [s["reason"] for s in report.get("skipped", [])]
         if outcome.kind != "accepted" or not reasons:
             problems.append(f"not skipped: {outcome}")
@@ -413,5 +417,5 @@ def test_bad_input(case: Case, tmp_path, tiny_model, tiny_pairs, monkeypatch):
                 problems.append(f"curation left {stale}")
     if (tmp_path / "PWNED_BY_YAML").exists():
         problems.append("the YAML tag ran code")
-    _record(case, outcome, not problems)
+    _record(case, outcome, not problems, tmp_path)
     assert not problems, problems

@@ -19,6 +19,7 @@ same on every run (no randomness, no timestamps).
   mask_colour.png            RGB: red vessels on black
   mask_empty.png             all 0 (no vessel)
   pairs_*.json               pair files (dpo_annotations.json) with one problem each
+  ids_not_utf8.json          a holdout.json / --holdout-ids file that is not UTF-8
   cfg_*.yaml                 run configs with one problem each
 """
 
@@ -105,6 +106,7 @@ def files() -> dict[str, bytes]:
         out[name] = (json.dumps(obj, indent=1) + "\n").encode()
     out["pairs_truncated.json"] = (json.dumps([good], indent=1)[:40]).encode()
     out["pairs_not_utf8.json"] = b'[{"image": "images/\xff\xfe.png"}]\n'
+    out["ids_not_utf8.json"] = b'{"ids": ["a\xff"]}\n'
 
     configs = {
         "cfg_unknown_key.yaml": "optim:\n  learning_rate: 1.0e-5\n",
@@ -112,7 +114,7 @@ def files() -> dict[str, bytes]:
         "cfg_python_tag.yaml": "model:\n  question: !!python/object/apply:os.system ['touch PWNED_BY_YAML']\n",
         "cfg_not_mapping.yaml": "- optim.lr=1e-5\n",
         "cfg_bad_syntax.yaml": "optim: {lr: 1e-5\n",
-        "cfg_inf_lr.yaml": "optim:\n  lr: .inf\n",
+        "cfg_inf_lr.yaml": "loss:\n  dice: 1.0\noptim:\n  lr: .inf\n",
         "cfg_nan_beta.yaml": "loss:\n  dice: 1.0\n  beta: .nan\n",
     }
     for name, text in configs.items():
