@@ -147,6 +147,33 @@ def at_loss_resolution(logits: torch.Tensor, sa2va: Sa2VA, size: tuple[int, int]
     return upsample_logits(logits, sa2va.sam_size, size) if resolution == "full" else logits.float()
 
 
+def pair_losses(cfg: Config, sa2va: Sa2VA, logits: torch.Tensor, chosen: list[torch.Tensor],
+                rejected: list[torch.Tensor], refs: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+    """Loss per pair (B,) and the summed logged metrics (tensors: no host sync here).
+
+    One policy forward gave `logits` for the micro-batch; chosen and rejected are scored on it.
+    Pairs whose masks share a size go through one upsample and one loss call.
+    """
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for j, mask in enumerate(chosen):
+        by_size.setdefault(tuple(mask.shape[-2:]), []).append(j)
+    losses = torch.empty(len(chosen), device=sa2va.device)
+    sums: dict[str, torch.Tensor] = {}
+    for size, js in by_size.items():
+        z = at_loss_resolution(logits[js], sa2va, size, cfg.loss.resolution)
+        zref = None
+        if refs is not None:
+            zref = at_loss_resolution(torch.stack([refs[j] for j in js]).to(sa2va.device), sa2va, size,
+                                      cfg.loss.resolution)
+        w = torch.stack([chosen[j] for j in js]).to(sa2va.device)
+        l = torch.stack([rejected[j] for j in js]).to(sa2va.device)
+        group_losses, parts = combined_loss(cfg.loss, z, w, l, zref)
+        losses = losses.index_put((torch.tensor(js, device=sa2va.device),), group_losses)
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value.sum()
+    return losses, sums
+
+
 @torch.no_grad()
 def held_out_dice(policy: SegPolicy, sa2va: Sa2VA, feats: list[FrozenFeatures], masks: list[np.ndarray],
                   fovs: list[np.ndarray | None], batch: int) -> float:
@@ -337,25 +364,12 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
                 with dist.no_grad_sync(wrapped, enabled=info.enabled and not last_micro):
                     with autocast(sa2va):
                         logits = wrapped(batch_features(indices))
-                    # Pairs whose masks share a size are scored together (one upsample, one loss call).
-                    by_size: dict[tuple[int, int], list[int]] = {}
-                    for j, i in enumerate(indices):
-                        by_size.setdefault(tuple(chosen[i].shape[-2:]), []).append(j)
-                    per_sample = []
-                    for size, js in by_size.items():
-                        pair_ids = [indices[j] for j in js]
-                        z = at_loss_resolution(logits[js], sa2va, size, cfg.loss.resolution)
-                        zref = None
-                        if ref_logits is not None:
-                            zref = torch.stack([ref_logits[image_of_pair[i]] for i in pair_ids]).to(sa2va.device)
-                            zref = at_loss_resolution(zref, sa2va, size, cfg.loss.resolution)
-                        w = torch.stack([chosen[i] for i in pair_ids]).to(sa2va.device)
-                        l = torch.stack([rejected[i] for i in pair_ids]).to(sa2va.device)
-                        losses, parts = combined_loss(cfg.loss, z, w, l, zref)
-                        per_sample.append(losses)
-                        for key, value in parts.items():
-                            sums[key] = sums.get(key, 0.0) + value.sum()
-                    loss = torch.cat(per_sample).mean() / cfg.train.grad_accum
+                    refs = None if ref_logits is None else [ref_logits[image_of_pair[i]] for i in indices]
+                    losses, parts = pair_losses(cfg, sa2va, logits, [chosen[i] for i in indices],
+                                                [rejected[i] for i in indices], refs)
+                    for key, value in parts.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    loss = losses.mean() / cfg.train.grad_accum
                     loss.backward()
                     loss_value += float(loss.detach())
 

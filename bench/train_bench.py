@@ -10,7 +10,7 @@ Each preset (sa2va.tiny.PRESETS: tiny, 1b, 4b, 26b) is built with random weights
 (AutoConfig + AutoModel.from_config, trust_remote_code, bf16 on CUDA) and driven through the
 suite's own functions: prepare_images / encode_frozen (frozen ViT + SAM2 image encoder),
 SegPolicy -> seg_logits (LLM decoder -> [SEG] -> text_hidden_fcs -> SAM2 heads),
-train_dpo.loss_targets + losses.combined_loss (the v8 recipe: dice_dpo 1.0 + dice 1.0, logits
+train_dpo.pair_losses (losses.combined_loss) (the v8 recipe: dice_dpo 1.0 + dice 1.0, logits
 upsampled to the image), distributed.wrap_policy / no_grad_sync, AdamW; and for evaluation
 model.predict_probabilities (forward path) and evaluation.generate_mask (predict_forward).
 One training step is what train_dpo.py's loop does for one optimizer step: grad_accum
@@ -362,26 +362,16 @@ class Bench:
 
     def loss(self, logits: torch.Tensor, indices: list[int], refs: list[torch.Tensor],
              sums: dict[str, Any] | None, sync_metrics: bool = True, accum: int | None = None) -> torch.Tensor:
-        """train_dpo's per-sample loss: loss_targets + combined_loss, metrics summed."""
-        from sa2va.losses import combined_loss
-        from train_dpo import loss_targets
+        """train_dpo's loss: pair_losses (one upsample and loss call per mask size), metrics summed."""
+        from train_dpo import pair_losses
 
-        sa2va, cfg, dev = self.sa2va, self.cfg, self.device
-        per_sample = []
-        for j, i in enumerate(indices):
-            z = loss_targets(logits[j : j + 1], [self.chosen[i]], sa2va, cfg.loss.resolution)[0]
-            zref = loss_targets(refs[j][None].to(dev), [self.chosen[i]], sa2va, cfg.loss.resolution)[0]
-            w = self.chosen[i][None].to(dev)
-            l = self.rejected[i][None].to(dev)
-            loss_i, parts = combined_loss(cfg.loss, z, w, l, zref)
-            per_sample.append(loss_i)
-            if sums is not None:
-                for key, value in parts.items():
-                    if sync_metrics:
-                        sums[key] = sums.get(key, 0.0) + float(value.sum())  # what the loop does
-                    else:
-                        sums[key] = sums.get(key, 0.0) + value.detach().sum()
-        return torch.cat(per_sample).mean() / (accum or cfg.train.grad_accum)
+        losses, parts = pair_losses(self.cfg, self.sa2va, logits, [self.chosen[i] for i in indices],
+                                    [self.rejected[i] for i in indices], refs)
+        if sums is not None:
+            for key, value in parts.items():
+                # The loop reads each metric once per step (float()); nosync keeps tensors.
+                sums[key] = sums.get(key, 0.0) + (float(value) if sync_metrics else value.detach())
+        return losses.mean() / (accum or self.cfg.train.grad_accum)
 
     def next_indices(self, micro_batch: int) -> list[int]:
         n = len(self.images)
