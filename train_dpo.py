@@ -200,14 +200,27 @@ def held_out_dice(policy: SegPolicy, sa2va: Sa2VA, feats: list[FrozenFeatures], 
 
 def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     out = Path(cfg.output_dir)
+    error = None
     if info.is_main:
-        check_writable_dir(out)  # before any long work: a full or read-only disk fails now
-    dist.barrier()
+        try:
+            check_writable_dir(out)  # before any long work: a full or read-only disk fails now
+        except UserError as err:
+            error = str(err)
+    error = dist.broadcast_object(error)  # every rank stops, only rank 0 prints
+    if error:
+        if not info.is_main:
+            raise SystemExit(2)
+        raise UserError(error)
+    if not resume and ckpt.latest_checkpoint(out) is not None:
+        # A fresh run would prune the older run's higher-numbered checkpoints, and its own.
+        raise UserError(f"{out} holds the checkpoints of an earlier run (newest: {ckpt.latest_checkpoint(out).name}); "
+                        "pass --resume to continue it, or choose another output_dir")
     seed_everything(cfg.train.seed)
 
     # 2. Data and model. Every pair is checked now, not at step 300.
     entries = read_pairs(cfg.data.root, cfg.data.annotations, cfg.data.max_samples)
     dataset = PairDataset(entries)
+    val_images = read_validation(cfg) if cfg.data.val_root else None
     sa2va = load_sa2va(cfg.model.path, cfg.model.trust_remote_code, device=str(info.device), dtype=cfg.model.dtype,
                        random_weights=cfg.model.random_weights)
     add_lora_and_freeze(sa2va, cfg.lora, cfg.train_modules)
@@ -253,6 +266,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             # The reference logits depend on the image only (chosen/rejected are not inputs).
             ref_logits = []
             first_pairs = [first_pair[u] for u in range(len(images))]
+            policy.eval()  # no LoRA dropout: a deterministic reference that draws no random numbers
             with progress(info, "reference logits", len(images)) as advance, torch.no_grad():
                 for start in range(0, len(images), max(batch, 4)):
                     idx = first_pairs[start : start + max(batch, 4)]
@@ -265,8 +279,9 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
                     torch.save(torch.stack(ref_logits), tmp)
 
     val = None
-    if cfg.data.val_root:
-        val = load_validation(cfg, sa2va, info)
+    if val_images is not None:
+        feats = encode_all(sa2va, [x[0] for x in val_images], 4, info, "held-out images", cfg.train.cache_on_device)
+        val = (feats, [x[1] for x in val_images], [x[2] for x in val_images])
     if cfg.train.cache_frozen and info.device.type == "cuda":
         # Every image is encoded: the frozen encoders (6B ViT + SAM2 at 26B) can leave the GPU.
         sa2va.model.vision_model.to("cpu")
@@ -322,6 +337,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             if info.is_main:
                 truncate_jsonl(out / "metrics.jsonl", step)
             log0(info, f"resumed from {last} at step {step}")
+    if step == 0 and info.is_main:
+        truncate_jsonl(out / "metrics.jsonl", 0)  # lines of a run cut off before its first checkpoint
 
     def save(name_step: int, best: bool = False) -> None:
         model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=state_options)
@@ -340,6 +357,12 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
 
     # 5. The loop.
     metrics_file = out / "metrics.jsonl"
+    if val is not None and step == 0:
+        # The starting model's held-out Dice: `best` is written only when training beats it.
+        best_dice = dist.broadcast_object(held_out_dice(policy, sa2va, *val, batch=max(batch, 4)))
+        log0(info, f"held-out Dice before training: {best_dice:.4f}")
+        if info.is_main:
+            append_jsonl(metrics_file, {"step": 0, "val_dice": best_dice})
     writer = tensorboard_writer(out / "tensorboard") if info.is_main else None
     log0(info, f"training {total_steps} steps: {len(dataset)} pairs, {info.world_size} rank(s), micro-batch "
                f"{batch} x accumulation {cfg.train.grad_accum} = {batch * cfg.train.grad_accum * info.world_size} "
@@ -445,16 +468,15 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     dist.barrier()
 
 
-def load_validation(cfg: Config, sa2va: Sa2VA, info: dist.DistInfo):
-    """Held-out images (data.val_root; its holdout.json ids when present) and their features."""
+def read_validation(cfg: Config) -> list[tuple]:
+    """Held-out images (data.val_root; its holdout.json ids when present), read and checked
+    before the model loads."""
     root = Path(cfg.data.val_root)
     ids = None
     if (root / "holdout.json").is_file():
         ids = json.loads((root / "holdout.json").read_text()).get("ids")
     entries = list_image_folder(root, need_masks=True, ids=ids)[: cfg.data.val_max_images]
-    loaded = [load_image_entry(e) for e in entries]
-    feats = encode_all(sa2va, [x[0] for x in loaded], 4, info, "held-out images", cfg.train.cache_on_device)
-    return feats, [x[1] for x in loaded], [x[2] for x in loaded]
+    return [load_image_entry(e) for e in entries]
 
 
 def export_final(cfg: Config, out: Path, dtype: str) -> None:
@@ -485,10 +507,15 @@ def print_parameter_table(sa2va: Sa2VA) -> None:
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop metric lines past the resumed step (they belong to the run that was cut off)."""
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= last_step]
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    kept.append(line)
+            except ValueError:
+                pass  # a line torn by a full disk
         with atomic_path(path) as tmp:
-            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

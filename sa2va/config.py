@@ -7,6 +7,7 @@ values are refused with the dotted key named, so a typo never silently trains on
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -155,8 +156,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         source = str(file)
         try:
             loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as err:
-            raise UserError(f"{file}: not valid YAML: {err}") from err
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            detail = " ".join(str(err).split())  # one line: a YAMLError's text holds line breaks
+            raise UserError(f"{file}: not valid YAML: {detail}") from err
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -225,13 +227,18 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise UserError(f"config key {key} must be a finite number, got {value!r} ({source})")
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -188,8 +188,8 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     (benchmarks at real shapes without real weights), directly on the device."""
     folder = Path(path)
     config = check_model_folder(folder, need_weights=not random_weights)
+    code = ", ".join(sorted(p.name for p in folder.glob("*.py"))) or "its Python files"
     if not trust_remote_code:
-        code = ", ".join(sorted(p.name for p in folder.glob("*.py"))) or "its Python files"
         raise UserError(
             f"loading {folder} runs the Python code it ships ({code}) to build the model; "
             "if you trust it, set model.trust_remote_code=true (or pass --trust-remote-code)")
@@ -198,8 +198,9 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     _install_transformers_compat()
-    _ensure_post_init(folder, config["auto_map"]["AutoModel"])
+    print(f"trust_remote_code: building the model from the Python code in {folder} ({code})", flush=True)
     try:
+        _ensure_post_init(folder, config["auto_map"]["AutoModel"])
         if random_weights:
             from transformers import AutoConfig
 
@@ -210,6 +211,11 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
             model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch_dtype)
     except ImportError as err:
         raise UserError(f"cannot import the remote code of {folder}: {err}") from err
+    except (UserError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:  # torn weights, a file the remote code imports is missing: one line
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot load the model in {folder}: {type(err).__name__}: {first}") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
     except ImportError as err:
