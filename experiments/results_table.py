@@ -43,9 +43,15 @@ RECIPES: dict[str, tuple[str, list[str], str]] = {
     "v8": ("configs/v8.yaml", [f"optim.lr={1e-6 * LR_SCALE:g}"], "Dice-DPO + 1.0 Dice (the seed's hybrid)"),
     "v8b": ("configs/v8b.yaml", [f"optim.lr={5e-5 * LR_SCALE:g}"], "v8 at 50x the learning rate"),
     "v8c": ("configs/v8c.yaml", [f"optim.lr={1e-5 * LR_SCALE:g}"], "v8 at 10x the learning rate"),
-    "mask_dpo": ("configs/demo.yaml", ["loss.dice=0", f"optim.lr={1e-6 * LR_SCALE:g}"], "true mask DPO alone"),
-    "mask_dpo+dice": ("configs/demo.yaml", [f"optim.lr={1e-6 * LR_SCALE:g}"], "true mask DPO + 1.0 Dice"),
-    "sft": ("configs/demo.yaml", ["loss.mask_dpo=0", "loss.bce=2.0", "loss.dice=0.5", f"optim.lr={1e-6 * LR_SCALE:g}"],
+    # The rows below ran on configs/demo.yaml when it held mask_dpo 1.0 + dice 1.0 (beta 0.2, LoRA r 8 /
+    # alpha 16); it now holds v8's recipe, so they spell out every loss weight and the LoRA size.
+    "mask_dpo": ("configs/v8.yaml", ["loss.dice_dpo=0", "loss.dice=0", "loss.mask_dpo=1.0", "lora.r=8", "lora.alpha=16",
+                                     "optim.weight_decay=0", f"optim.lr={1e-6 * LR_SCALE:g}"], "true mask DPO alone"),
+    "mask_dpo+dice": ("configs/v8.yaml", ["loss.dice_dpo=0", "loss.dice=1.0", "loss.mask_dpo=1.0", "lora.r=8",
+                                          "lora.alpha=16", "optim.weight_decay=0", f"optim.lr={1e-6 * LR_SCALE:g}"],
+                      "true mask DPO + 1.0 Dice"),
+    "sft": ("configs/v8.yaml", ["loss.dice_dpo=0", "loss.bce=2.0", "loss.dice=0.5", "lora.r=8", "lora.alpha=16",
+                                "optim.weight_decay=0", f"optim.lr={1e-6 * LR_SCALE:g}"],
             "supervised: 2.0 BCE + 0.5 Dice (official weights)"),
 }
 # The same for every run: CPU, 4 pairs per optimizer step as the seed (1 x 4), one epoch of at
