@@ -29,6 +29,7 @@ import torch
 
 from .errors import UserError, run_cli
 from .fileio import atomic_dir
+from .remote_code.sam2 import HIERA_L_SAM2_CONFIG
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
 REMOTE_CODE_FILES = ("configuration_sa2va_chat.py", "modeling_sa2va_chat.py", "sam2.py")
@@ -118,34 +119,8 @@ _TINY_SAM2 = {
     "multimask_output_in_sam": True,
 }
 
-_HIERA_L_SAM2 = {
-    "image_size": 1024,
-    "hidden_dim": 256,
-    "mem_dim": 64,
-    "trunk": {
-        "embed_dim": 144,
-        "num_heads": 2,
-        "stages": [2, 6, 36, 4],
-        "global_att_blocks": [23, 33, 43],
-        "window_spec": [8, 4, 16, 8],
-        "window_pos_embed_bkg_spatial_size": [7, 7],
-    },
-    "fpn_top_down_levels": [2, 3],
-    "num_feature_levels": 3,
-    "mask_decoder": {
-        "num_hidden_layers": 2,
-        "num_attention_heads": 8,
-        "mlp_dim": 2048,
-        "iou_head_depth": 3,
-        "iou_head_hidden_dim": 256,
-        "num_multimask_outputs": 3,
-    },
-    "prompt_encoder": {"mask_in_chans": 16},
-    "memory_attention": {"num_layers": 4, "dim_feedforward": 2048, "num_heads": 1},
-    "memory_encoder": {"fuser_layers": 2},
-    "obj_ptr_proj_layers": 3,
-    "multimask_output_in_sam": True,
-}
+# The real sizes' SAM2 Hiera-L: the remote code's own default, so the two cannot drift apart.
+_HIERA_L_SAM2 = HIERA_L_SAM2_CONFIG
 
 _VIT_300M = {
     "hidden_size": 1024,
