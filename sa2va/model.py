@@ -321,10 +321,6 @@ def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
     return [(name, t, f) for name, (t, f) in counts.items() if t + f > 0]
 
 
-def trained_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
 # --------------------------------------------------------------------------- inputs
 
 
