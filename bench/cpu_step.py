@@ -25,23 +25,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from scipy import ndimage
-
-    from sa2va.fileio import read_mask, write_mask
-    from sa2va.synth import write_dataset
+    from sa2va.synth import write_dilated_pairs
     from sa2va.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = write_tiny_checkpoint(work / "tiny")
-        data = write_dataset(work / "data", n=16, size=128, seed=0)
-        pairs = []
-        for image in sorted((data / "images").glob("*.png")):
-            mask = read_mask(data / "masks" / image.name)
-            write_mask(data / "rejected" / image.name, ndimage.binary_dilation(mask, iterations=2))
-            pairs.append({"image": f"images/{image.name}", "chosen_mask": f"masks/{image.name}",
-                          "rejected_mask": f"rejected/{image.name}"})
-        (data / "dpo_annotations.json").write_text(json.dumps(pairs))
+        data = write_dilated_pairs(work / "data", n=16, size=128, seed=0)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         subprocess.run([sys.executable, "train_dpo.py", "--cfg", "tiny", f"model.path={model}", f"data.root={data}",
                         f"output_dir={work / 'run'}", f"max_steps={args.steps}", "train.save_every=0"],

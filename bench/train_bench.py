@@ -136,44 +136,23 @@ def parse_plan(text: str) -> dict[str, list[str]]:
 
 
 def build_random_sa2va(preset: str, device: torch.device, dtype: torch.dtype, seed: int, workdir: Path):
-    """A Sa2VA of the preset's shapes with random weights, read the way load_sa2va reads a folder:
-    config, remote code and tokenizer from a checkpoint folder (written without weights), the
-    model from AutoModel.from_config on the device, token ids from the tokenizer."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from sa2va.model import IMG_CONTEXT, SEG, TEMPLATES, Sa2VA, _fix_meta_buffers, _install_transformers_compat
+    """A Sa2VA of the preset's shapes with random weights, through the suite's own loader:
+    a checkpoint folder written without weights, then load_sa2va(random_weights=True)
+    (AutoModel.from_config on the device, token ids and sizes read from the folder)."""
+    from sa2va.model import load_sa2va
     from sa2va.tiny import write_tiny_checkpoint
 
     t0 = time.perf_counter()
     folder = write_tiny_checkpoint(workdir / f"{preset}-{os.getpid()}", seed=seed, preset=preset, weights=False,
                                    warmup=False)
-    _install_transformers_compat()
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
     t1 = time.perf_counter()
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModel.from_config(config, trust_remote_code=True, dtype=dtype)
-    model.to(device=device, dtype=dtype)
+    sa2va = load_sa2va(folder, trust_remote_code=True, device=str(device),
+                       dtype=str(dtype).removeprefix("torch."), random_weights=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
-    model.eval()
-    model._count = 0
-    _fix_meta_buffers(model, device)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
-    raw = json.loads((folder / "config.json").read_text())
-    seg_id = tokenizer.convert_tokens_to_ids(SEG)
-    img_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-    model.img_context_token_id = img_id
-    timings = {"folder_s": t1 - t0, "from_config_s": t2 - t1}
-    return timings, Sa2VA(
-        model=model, tokenizer=tokenizer, path=folder, template=TEMPLATES[raw["template"]],
-        seg_token_id=seg_id, img_context_token_id=img_id, num_image_token=int(model.num_image_token),
-        vit_size=int(raw["force_image_size"]), min_tiles=int(raw["min_dynamic_patch"]),
-        max_tiles=int(raw["max_dynamic_patch"]), use_thumbnail=bool(raw["use_thumbnail"]),
-        dynamic_tiles=bool(raw["dynamic_image_size"]), sam_size=int(model.grounding_encoder.sam2_model.image_size),
-        device=device, dtype=dtype,
-    )
+    return {"folder_s": t1 - t0, "load_s": t2 - t1}, sa2va
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -49,12 +49,9 @@ STEPS = {1: 10, 2: 6}
 
 def make_inputs(work: Path) -> tuple[Path, Path]:
     """The tiny checkpoint and 8 synthetic 128 px pairs (as tests/conftest.py makes them)."""
-    from scipy import ndimage
-
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from sa2va.fileio import read_mask, write_mask
-    from sa2va.synth import write_dataset
+    from sa2va.synth import write_dilated_pairs
     from sa2va.tiny import write_tiny_checkpoint
 
     model = work / "tiny"
@@ -63,14 +60,7 @@ def make_inputs(work: Path) -> tuple[Path, Path]:
     data = work / "pairs"
     if not (data / "dpo_annotations.json").is_file():
         shutil.rmtree(data, ignore_errors=True)
-        write_dataset(data, n=8, size=128, seed=1)
-        pairs = []
-        for image in sorted((data / "images").glob("*.png")):
-            mask = read_mask(data / "masks" / image.name)
-            write_mask(data / "rejected_masks" / image.name, ndimage.binary_dilation(mask, iterations=2))
-            pairs.append({"image": f"images/{image.name}", "chosen_mask": f"masks/{image.name}",
-                          "rejected_mask": f"rejected_masks/{image.name}"})
-        (data / "dpo_annotations.json").write_text(json.dumps(pairs))
+        write_dilated_pairs(data, n=8, size=128, seed=1)
     return model, data
 
 

@@ -224,6 +224,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
                         "Sa2VA-8B/26B imports modules that moved in transformers 5.x; "
                         "convert it to tokenizer.json or use a transformers version it supports") from err
     model.to(dev)
+    model.eval()  # from_config builds in training mode; inference and frozen encoders want eval
     model._count = 0  # known breakage 3: the release's training forward reads it
     _fix_meta_buffers(model, dev)
 

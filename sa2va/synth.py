@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import UserError, run_cli
-from .fileio import atomic_dir, write_mask, write_png
+from .fileio import atomic_dir, read_mask, write_mask, write_png
 
 MIN_SIZE = 64
 MAX_SIZE = 2048  # beyond this one float image is >100 MB and generation takes long
@@ -269,6 +269,22 @@ def write_dataset(out: str | os.PathLike, n: int, size: int = 256, seed: int = 0
         if progress is not None:
             progress.stop()
     return out
+
+
+def write_dilated_pairs(out: str | os.PathLike, n: int, size: int = 128, seed: int = 0) -> Path:
+    """A small pair folder for tests and benchmarks: `write_dataset`, plus rejected = the ground
+    truth dilated twice (a plausible over-segmentation) and dpo_annotations.json."""
+    import json
+
+    root = write_dataset(out, n, size=size, seed=seed)
+    pairs = []
+    for image in sorted((root / "images").glob("*.png")):
+        mask = read_mask(root / "masks" / image.name)
+        write_mask(root / "rejected_masks" / image.name, ndimage.binary_dilation(mask, iterations=2))
+        pairs.append({"image": f"images/{image.name}", "chosen_mask": f"masks/{image.name}",
+                      "rejected_mask": f"rejected_masks/{image.name}"})
+    (root / "dpo_annotations.json").write_text(json.dumps(pairs))
+    return root
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,11 @@
 """Shared fixtures: the tiny Sa2VA checkpoint and a small synthetic pair folder, made once."""
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -25,18 +23,9 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory) -> Path:
     """8 synthetic 128 px images; rejected = the ground truth dilated (a plausible bad mask)."""
-    from sa2va.fileio import read_mask, write_mask
-    from sa2va.synth import write_dataset
+    from sa2va.synth import write_dilated_pairs
 
-    root = write_dataset(tmp_path_factory.mktemp("data") / "pairs", n=8, size=128, seed=1)
-    pairs = []
-    for image in sorted((root / "images").glob("*.png")):
-        mask = read_mask(root / "masks" / image.name)
-        write_mask(root / "rejected_masks" / image.name, ndimage.binary_dilation(mask, iterations=2))
-        pairs.append({"image": f"images/{image.name}", "chosen_mask": f"masks/{image.name}",
-                      "rejected_mask": f"rejected_masks/{image.name}"})
-    (root / "dpo_annotations.json").write_text(json.dumps(pairs))
-    return root
+    return write_dilated_pairs(tmp_path_factory.mktemp("data") / "pairs", n=8, size=128, seed=1)
 
 
 def run_ok(cmd: list[str], **kw) -> str:
