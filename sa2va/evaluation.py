@@ -576,7 +576,7 @@ def _gather_error(error: str | None) -> str | None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .distributed import init_distributed, shutdown
+    from .distributed import barrier, init_distributed, shutdown
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no GPU")
@@ -584,7 +584,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     console = _console()
     say = console.print if info.is_main else (lambda *_a, **_k: None)
     try:
-        return _evaluate(args, info, say, console)
+        code = _evaluate(args, info, say, console)
+        # Rank 0 writes the outputs while the others wait: a rank that tears its process group
+        # down while another still uses it can abort gloo ("terminate called ...").
+        barrier()
+        return code
     except UserError:
         if not info.is_main:
             raise SystemExit(2)  # rank 0 prints the one line
