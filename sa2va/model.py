@@ -14,11 +14,7 @@ and frozen weights, so they can be cached) and `seg_logits` (everything that tra
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
-import math
-import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import compat
 from .errors import UserError
 from .preprocess import sam_input, vit_tiles
 
@@ -120,66 +117,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
-def _install_transformers_compat() -> None:
-    """Known breakage 1: the release's phi3 module imports transformers.modeling_attn_mask_utils,
-    removed in transformers 5.10; modeling_sa2va_chat imports it for every size. Give the import
-    a stand-in whose functions refuse with a message (only Phi3-based sizes would call them)."""
-    name = "transformers.modeling_attn_mask_utils"
-    try:
-        importlib.import_module(name)
-        return
-    except ImportError:
-        pass
-    shim = types.ModuleType(name)
-
-    def _refuse(*_args: Any, **_kwargs: Any) -> None:
-        raise UserError("this Sa2VA size uses a Phi3 LLM whose remote code needs "
-                        "transformers.modeling_attn_mask_utils (removed in transformers 5.10): "
-                        "use transformers<5.10 for it")
-
-    for fn in ("_prepare_4d_causal_attention_mask", "_prepare_4d_causal_attention_mask_for_sdpa",
-               "_prepare_4d_attention_mask", "_prepare_4d_attention_mask_for_sdpa"):
-        setattr(shim, fn, _refuse)
-
-    class AttentionMaskConverter:  # referenced by name only
-        def __init__(self, *_a: Any, **_k: Any) -> None:
-            _refuse()
-
-    shim.AttentionMaskConverter = AttentionMaskConverter
-    sys.modules[name] = shim
-
-
-def _ensure_post_init(folder: Path, auto_ref: str) -> None:
-    """Known breakage 2: Sa2VAChatModel.__init__ never calls post_init(), which transformers 5
-    needs before from_pretrained. Wrap __init__ of the loaded class when its source lacks it."""
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    cls = get_class_from_dynamic_module(auto_ref, str(folder))
-    if getattr(cls, "_sa2va_dpo_post_init", False):
-        return
-    source = (folder / f"{auto_ref.split('--')[-1].rsplit('.', 1)[0]}.py").read_text()
-    if "self.post_init()" in source:
-        return
-    original_init = cls.__init__
-
-    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-        original_init(self, *args, **kwargs)
-        self.post_init()
-
-    cls.__init__ = __init__
-    cls._sa2va_dpo_post_init = True
-
-
-def _fix_meta_buffers(model: nn.Module, device: torch.device) -> None:
-    """Known breakage 4: after v5 loading, SAM2 memory attention's `freqs_cis` stay on the meta
-    device (non-persistent attributes). Recompute them with the module's own compute_cis."""
-    for module in model.modules():
-        freqs = getattr(module, "freqs_cis", None)
-        if isinstance(freqs, Tensor) and freqs.is_meta and callable(getattr(module, "compute_cis", None)):
-            side = math.isqrt(freqs.shape[0])
-            module.freqs_cis = module.compute_cis(end_x=side, end_y=side).to(device)
-
-
 def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", dtype: str = "auto",
                random_weights: bool = False) -> Sa2VA:
     """Load a Sa2VA HF folder through AutoModel/AutoTokenizer and read its facts.
@@ -197,10 +134,10 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    _install_transformers_compat()
+    compat.install_import_shims()
     print(f"trust_remote_code: building the model from the Python code in {folder} ({code})", flush=True)
     try:
-        _ensure_post_init(folder, config["auto_map"]["AutoModel"])
+        compat.ensure_post_init(folder, config["auto_map"]["AutoModel"])
         if random_weights:
             from transformers import AutoConfig
 
@@ -226,7 +163,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     model.to(dev)
     model.eval()  # from_config builds in training mode; inference and frozen encoders want eval
     model._count = 0  # known breakage 3: the release's training forward reads it
-    _fix_meta_buffers(model, dev)
+    compat.fix_meta_buffers(model, dev)
 
     template_name = config["template"]
     if template_name not in TEMPLATES:
