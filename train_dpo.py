@@ -284,7 +284,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         val = (feats, [x[1] for x in val_images], [x[2] for x in val_images])
     if cfg.train.cache_frozen and info.device.type == "cuda":
         # Every image is encoded: the frozen encoders (6B ViT + SAM2 at 26B) can leave the GPU.
-        sa2va.model.vision_model.to("cpu")
+        sa2va.vision.to("cpu")
         sa2va.sam2.image_encoder.to("cpu")
         torch.cuda.empty_cache()
 
@@ -295,7 +295,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
 
     # 4. Wrap what trains.
     if cfg.train.activation_checkpointing:
-        sa2va.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        sa2va.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.compile:
         for layer in policy.decoder_layers():  # per layer: one graph reused 24-48 times, quick to compile
             layer.compile()
@@ -325,7 +325,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         else:
             trained = ckpt.load_trained(last)
             state = ckpt.load_training_state(last)
-            policy_state = {SegPolicy.from_model_name(k): v for k, v in trained.items()}
+            policy_state = {policy.from_model_name(k): v for k, v in trained.items()}
             set_state_dict(wrapped, optimizer, model_state_dict=policy_state,
                            optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True, strict=False))
@@ -344,13 +344,13 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=state_options)
         rngs = dist.all_gather_objects(ckpt.rng_state())
         if info.is_main:
-            trained = {SegPolicy.to_model_name(k): v for k, v in model_sd.items()}
+            trained = {policy.to_model_name(k): v for k, v in model_sd.items()}
             meta = {"step": name_step, "total_steps": total_steps, "epoch": name_step // steps_per_epoch,
                     "samples_seen": name_step * batch * cfg.train.grad_accum * info.world_size,
                     "best_dice": best_dice, "skipped_steps": skipped_total, "world_size": info.world_size,
                     "base_model": str(Path(cfg.model.path).resolve())}
             training_state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "rng": rngs}
-            target = ckpt.save_checkpoint(out, name_step, trained, sa2va.model.language_model, training_state,
+            target = ckpt.save_checkpoint(out, name_step, trained, sa2va.llm, training_state,
                                           meta, to_yaml(cfg), cfg.train.keep_checkpoints, best=best)
             log0(info, f"saved {target}")
         dist.barrier()
@@ -497,7 +497,7 @@ def print_parameter_table(sa2va: Sa2VA) -> None:
     for col in ("module", "trained", "frozen"):
         table.add_column(col, justify="right" if col != "module" else "left")
     total_t = total_f = 0
-    for name, t, f in parameter_table(sa2va.model):
+    for name, t, f in parameter_table(sa2va.model, sa2va.family):
         table.add_row(name, f"{t:,}", f"{f:,}")
         total_t, total_f = total_t + t, total_f + f
     table.add_row("total", f"{total_t:,}", f"{total_f:,}", style="bold")

@@ -143,7 +143,10 @@ def save_adapter(peft_model: nn.Module, trained: dict[str, torch.Tensor], folder
     """The LoRA weights in PEFT's format, loadable by PeftModel.from_pretrained on the LLM."""
     from peft import get_peft_model_state_dict
 
-    prefix = "language_model."
+    # The LLM's name in the Sa2VA model (language_model, or the Qwen-VL text model): what
+    # precedes PEFT's own "base_model.model." in the LoRA parameters' names.
+    lora = next((k for k in trained if "lora_" in k and "base_model.model." in k), None)
+    prefix = lora[: lora.index("base_model.model.")] if lora else "language_model."
     lm_state = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in trained.items() if k.startswith(prefix)}
     adapter_state = get_peft_model_state_dict(peft_model, state_dict=lm_state)
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,7 +197,7 @@ def export_hf(sa2va: Any, out: str | Path, overwrite: bool = False) -> Path:
     """
     model = sa2va.model
     source = Path(sa2va.path)
-    model.language_model = model.language_model.merge_and_unload()
+    sa2va.llm = sa2va.llm.merge_and_unload()
     model.requires_grad_(False)
     model.to(sa2va.dtype)  # trained parameters were float32 masters; store the base dtype
     out = Path(out)
@@ -235,7 +238,7 @@ def load_for_inference(path: str | Path, trust_remote_code: bool, device: str = 
     apply_trained(sa2va.model, load_trained(p), p)
     # Inference needs no adapter: merge it, and store everything in the load dtype (the trained
     # float32 masters would otherwise mix dtypes with the bf16 base on GPU).
-    sa2va.model.language_model = sa2va.model.language_model.merge_and_unload()
+    sa2va.llm = sa2va.llm.merge_and_unload()
     sa2va.model.requires_grad_(False)
     sa2va.model.to(sa2va.dtype)
     return sa2va

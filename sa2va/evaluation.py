@@ -258,7 +258,7 @@ def generate_mask(sa2va: Any, image: np.ndarray, question: str) -> tuple[np.ndar
 
     with torch.inference_mode():
         out = sa2va.model.predict_forward(image=Image.fromarray(image), text=f"<image>\n{question}",
-                                          tokenizer=sa2va.tokenizer)
+                                          **sa2va.family.generate_kwargs(sa2va))
     text = str(out.get("prediction", ""))
     masks = out.get("prediction_masks") or []
     height, width = image.shape[:2]

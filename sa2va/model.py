@@ -17,7 +17,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,43 +26,60 @@ from torch import Tensor, nn
 
 from . import compat
 from .errors import UserError
-from .preprocess import sam_input, vit_tiles
+from .families import Family, detect_family, get_module, set_module
+from .families.internvl import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES  # noqa: F401 - public names kept
+from .preprocess import sam_input
 
-# The chat templates the release ships (read the name from config.json at run time).
-TEMPLATES: dict[str, str] = {
-    "qwen_chat": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-    "internlm2_chat": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-    "phi3_chat": "<|user|>\n{input}<|end|>\n<|assistant|>\n",
-}
-IMG_START, IMG_END, IMG_CONTEXT, SEG = "<img>", "</img>", "<IMG_CONTEXT>", "[SEG]"
+SEG = "[SEG]"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
 class Sa2VA:
-    """A loaded checkpoint and the facts about it that the forward needs."""
+    """A loaded checkpoint and the facts about it that the forward needs.
+
+    `family` is the adapter of its code family (sa2va.families); the fields after `dtype` are
+    the facts it reads (InternVL: template and tiling; Qwen-VL: processor and pixel range)."""
 
     model: nn.Module
     tokenizer: Any
     path: Path
-    template: str
+    family: Family
     seg_token_id: int
-    img_context_token_id: int
-    num_image_token: int
-    vit_size: int
-    min_tiles: int
-    max_tiles: int
-    use_thumbnail: bool
-    dynamic_tiles: bool
     sam_size: int
     device: torch.device
     dtype: torch.dtype
-    prompt_cache: dict[tuple[int, str, str], list[int]] = field(default_factory=dict)
+    img_context_token_id: int = -1  # the image token the vision features replace
+    template: str = ""
+    num_image_token: int = 0
+    vit_size: int = 0
+    min_tiles: int = 1
+    max_tiles: int = 1
+    use_thumbnail: bool = False
+    dynamic_tiles: bool = False
+    processor: Any = None
+    min_pixels: int = 0
+    max_pixels: int = 0
+    prompt_cache: dict[tuple[Any, str, str], list[int]] = field(default_factory=dict)
 
     @property
     def sam2(self) -> nn.Module:
         return self.model.grounding_encoder.sam2_model
+
+    @property
+    def llm(self) -> nn.Module:
+        """The LLM (LoRA goes on it): `language_model` (InternVL) or the Qwen-VL text model."""
+        return get_module(self.model, self.family.llm_path)
+
+    @llm.setter
+    def llm(self, module: nn.Module) -> None:
+        set_module(self.model, self.family.llm_path, module)
+
+    @property
+    def vision(self) -> nn.Module:
+        """The frozen vision tower (it may leave the GPU once every image is encoded)."""
+        return get_module(self.model, self.family.vision_path)
 
     @property
     def low_res(self) -> int:
@@ -93,9 +110,7 @@ def check_model_folder(path: str | Path, need_weights: bool = True) -> dict[str,
         module = ref.split("--")[-1].rsplit(".", 1)[0]
         if not (folder / f"{module}.py").is_file():
             raise UserError(f"model folder {folder} is missing {module}.py (named by auto_map in config.json)")
-    for key in ("template", "llm_config", "vision_config"):
-        if key not in config:
-            raise UserError(f"{config_file} has no {key!r} field")
+    detect_family(config, config_file).check_config(folder, config)
     if need_weights and not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"model folder {folder} has no weights ({' or '.join(WEIGHT_FILES[:2])})")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -165,36 +180,20 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     model._count = 0  # known breakage 3: the release's training forward reads it
     compat.fix_meta_buffers(model, dev)
 
-    template_name = config["template"]
-    if template_name not in TEMPLATES:
-        raise UserError(f"{folder / 'config.json'}: unknown template {template_name!r} "
-                        f"(known: {', '.join(TEMPLATES)})")
-    ids = {}
-    for token in (SEG, IMG_CONTEXT, IMG_START, IMG_END):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == tokenizer.unk_token_id:
-            raise UserError(f"the tokenizer of {folder} has no {token} token: not a Sa2VA tokenizer")
-        ids[token] = tid
-    model.img_context_token_id = ids[IMG_CONTEXT]
-
-    vision = config["vision_config"]
-    vit_size = int(config.get("force_image_size") or vision.get("image_size"))
+    family = detect_family(config, folder / "config.json")
+    seg = tokenizer.convert_tokens_to_ids(SEG)
+    if seg is None or seg == tokenizer.unk_token_id:
+        raise UserError(f"the tokenizer of {folder} has no {SEG} token: not a Sa2VA tokenizer")
     return Sa2VA(
         model=model,
         tokenizer=tokenizer,
         path=folder,
-        template=TEMPLATES[template_name],
-        seg_token_id=ids[SEG],
-        img_context_token_id=ids[IMG_CONTEXT],
-        num_image_token=int(model.num_image_token),
-        vit_size=vit_size,
-        min_tiles=int(config.get("min_dynamic_patch", 1)),
-        max_tiles=int(config.get("max_dynamic_patch", 12)),
-        use_thumbnail=bool(config.get("use_thumbnail", True)),
-        dynamic_tiles=bool(config.get("dynamic_image_size", True)),
+        family=family,
+        seg_token_id=seg,
         sam_size=int(model.grounding_encoder.sam2_model.image_size),
         device=dev,
         dtype=torch_dtype,
+        **family.facts(model, tokenizer, folder, config),
     )
 
 
@@ -203,7 +202,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
 
 def add_lora_and_freeze(sa2va: Sa2VA, lora: Any, train_modules: Any) -> None:
     """Freeze everything, then: LoRA on the LLM's linear layers (not the output head),
-    and train text_hidden_fcs / the SAM2 mask decoder / mlp1 as configured.
+    and train text_hidden_fcs / the SAM2 mask decoder / the vision projector (mlp1) as configured.
 
     Trained parameters are kept in float32 (master weights): at lr 1e-6 a bfloat16 weight
     cannot represent the update. Frozen weights stay in the load dtype.
@@ -217,8 +216,12 @@ def add_lora_and_freeze(sa2va: Sa2VA, lora: Any, train_modules: Any) -> None:
         targets = "all-linear"  # peft's rule: every Linear except the output head
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=targets, bias="none")
+    projector = sa2va.family.projector(model)
+    if train_modules.mlp1 and projector is None:
+        raise UserError(f"config key train_modules.mlp1: the {sa2va.family.label} family has no trainable "
+                        "vision projector in this suite (its vision merger stays frozen); set it to false")
     try:
-        model.language_model = get_peft_model(model.language_model, peft_config)
+        sa2va.llm = get_peft_model(sa2va.llm, peft_config)
     except ValueError as err:
         raise UserError(f"config key lora.target_modules: {err}") from err
     trained: list[nn.Module] = []
@@ -227,7 +230,7 @@ def add_lora_and_freeze(sa2va: Sa2VA, lora: Any, train_modules: Any) -> None:
     if train_modules.mask_decoder:
         trained.append(model.grounding_encoder.sam2_model.sam_mask_decoder)
     if train_modules.mlp1:
-        trained.append(model.mlp1)
+        trained.append(projector)
     for module in trained:
         module.requires_grad_(True)
     # SAM2 runs these two projections inside forward_image, i.e. in the frozen, cacheable part.
@@ -240,12 +243,14 @@ def add_lora_and_freeze(sa2va: Sa2VA, lora: Any, train_modules: Any) -> None:
             param.data = param.data.float()
 
 
-def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
+def parameter_table(model: nn.Module, family: Family | None = None) -> list[tuple[str, int, int]]:
     """(module, trained, frozen) parameter counts for the release's named parts."""
+    if family is None:
+        from .families.internvl import InternVLFamily
+
+        family = InternVLFamily()
     groups = {
-        "vision_model": "vision_model.",
-        "mlp1": "mlp1.",
-        "language_model (LoRA)": "language_model.",
+        **family.parameter_groups(),
         "text_hidden_fcs": "text_hidden_fcs.",
         "sam2 image_encoder": "grounding_encoder.sam2_model.image_encoder.",
         "sam2 sam_mask_decoder": "grounding_encoder.sam2_model.sam_mask_decoder.",
@@ -266,40 +271,43 @@ def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
 class SegInputs:
     """Preprocessed images of a batch: what the frozen encoders take."""
 
-    vit_pixels: Tensor  # (total tiles, 3, vit, vit), ImageNet-normalised
-    tiles: list[int]  # tiles per sample
+    vit_pixels: Tensor  # vision-tower input rows (InternVL: (tiles, 3, vit, vit); Qwen-VL: (patches, D))
+    tiles: list[int]  # rows of vit_pixels per sample
     sam_pixels: Tensor  # (B, 3, sam, sam), normalised by the model's preprocess_image
     sizes: list[tuple[int, int]]  # original (H, W) per sample
+    layouts: list[Any] | None = None  # per sample, what sets the image tokens (None: the tile counts)
+
+    def layout(self, i: int) -> Any:
+        return self.tiles[i] if self.layouts is None else self.layouts[i]
 
 
 def prepare_images(sa2va: Sa2VA, images: list[np.ndarray]) -> SegInputs:
-    """Turn uint8 RGB arrays into the ViT tiles and the SAM2 input, as predict_forward does."""
-    tiles, counts, sams = [], [], []
+    """Turn uint8 RGB arrays into the vision-tower input and the SAM2 input, as predict_forward does."""
+    rows, counts, layouts, sams = [], [], [], []
     for image in images:
-        t = vit_tiles(image, sa2va.vit_size, sa2va.min_tiles,
-                      sa2va.max_tiles if sa2va.dynamic_tiles else 1, sa2va.use_thumbnail)
-        tiles.append(t)
-        counts.append(t.shape[0])
-        sams.append(sa2va.model.grounding_encoder.preprocess_image(sam_input(image, sa2va.sam_size)))
+        pixels, layout = sa2va.family.vision_input(sa2va, image)
+        rows.append(pixels)
+        counts.append(int(pixels.shape[0]))
+        layouts.append(layout)
+        sam = sam_input(image, sa2va.sam_size, sa2va.family.sam_resample)
+        sams.append(sa2va.model.grounding_encoder.preprocess_image(sam))
     return SegInputs(
-        vit_pixels=torch.cat(tiles),
+        vit_pixels=torch.cat(rows),
         tiles=counts,
         sam_pixels=torch.stack(sams),
         sizes=[(int(im.shape[0]), int(im.shape[1])) for im in images],
+        layouts=layouts,
     )
 
 
-def prompt_ids(sa2va: Sa2VA, tiles: int, question: str, answer: str) -> list[int]:
-    """Token ids of template(<image>\\nquestion) + answer, <image> expanded to the image tokens."""
+def prompt_ids(sa2va: Sa2VA, tiles: Any, question: str, answer: str) -> list[int]:
+    """Token ids of the family's prompt for one image (`tiles`: its layout, the tile count for
+    InternVL, the patch grid for Qwen-VL) + the teacher-forced answer holding [SEG]."""
     key = (tiles, question, answer)
     if key not in sa2va.prompt_cache:
-        image_text = IMG_START + IMG_CONTEXT * (sa2va.num_image_token * tiles) + IMG_END
-        text = sa2va.template.format(input=f"<image>\n{question}").replace("<image>", image_text) + answer
-        ids = sa2va.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = sa2va.family.prompt_ids(sa2va, tiles, question, answer)
         if ids.count(sa2va.seg_token_id) != 1:
             raise UserError(f"the answer {answer!r} must hold exactly one [SEG] token")
-        if ids.count(sa2va.img_context_token_id) != sa2va.num_image_token * tiles:
-            raise UserError("the tokenizer split <IMG_CONTEXT> into several tokens: not a Sa2VA tokenizer")
         sa2va.prompt_cache[key] = ids
     return sa2va.prompt_cache[key]
 
@@ -311,64 +319,67 @@ def prompt_ids(sa2va: Sa2VA, tiles: int, question: str, answer: str) -> list[int
 class FrozenFeatures:
     """Per-batch outputs of the frozen encoders (depend only on the image and frozen weights)."""
 
-    vit: Tensor  # (total tiles, num_image_token, C): after mlp1 when mlp1 is frozen, else before
+    vit: Tensor  # vision features, rows per sample along dim 0: before the projector when it trains
     high_res: list[Tensor]  # SAM2 high-res features, (B, C_i, H_i, W_i)
     pix: Tensor  # (B, 256, h, w): lowest-res SAM2 features + no_mem_embed
-    tiles: list[int]
+    tiles: list[int]  # rows of `vit` per sample (InternVL: tiles; Qwen-VL: image tokens)
     sizes: list[tuple[int, int]]
+    layouts: list[Any] | None = None  # per sample, what sets the prompt's image tokens (None: tiles)
+    extra: list[Tensor] = field(default_factory=list)  # per-layer features with `vit`'s rows (deepstack)
+
+    def layout(self, i: int) -> Any:
+        return self.tiles[i] if self.layouts is None else self.layouts[i]
+
+    def _rows(self, x: Tensor, indices: list[int]) -> Tensor:
+        starts = np.concatenate([[0], np.cumsum(self.tiles)])
+        return torch.cat([x[starts[i]:starts[i + 1]] for i in indices])
 
     def select(self, indices: list[int]) -> "FrozenFeatures":
-        starts = np.concatenate([[0], np.cumsum(self.tiles)])
-        vit = torch.cat([self.vit[starts[i]:starts[i + 1]] for i in indices])
-        return FrozenFeatures(vit, [h[indices] for h in self.high_res], self.pix[indices],
-                              [self.tiles[i] for i in indices], [self.sizes[i] for i in indices])
+        return FrozenFeatures(self._rows(self.vit, indices), [h[indices] for h in self.high_res], self.pix[indices],
+                              [self.tiles[i] for i in indices], [self.sizes[i] for i in indices],
+                              None if self.layouts is None else [self.layouts[i] for i in indices],
+                              [self._rows(x, indices) for x in self.extra])
 
     def to(self, device: torch.device) -> "FrozenFeatures":
         return FrozenFeatures(self.vit.to(device, non_blocking=True),
                               [h.to(device, non_blocking=True) for h in self.high_res],
-                              self.pix.to(device, non_blocking=True), self.tiles, self.sizes)
+                              self.pix.to(device, non_blocking=True), self.tiles, self.sizes, self.layouts,
+                              [x.to(device, non_blocking=True) for x in self.extra])
 
     @staticmethod
     def cat(parts: list["FrozenFeatures"]) -> "FrozenFeatures":
+        layouts = None if all(p.layouts is None for p in parts) else [p.layout(i) for p in parts for i in range(len(p.tiles))]
         return FrozenFeatures(
             torch.cat([p.vit for p in parts]),
             [torch.cat([p.high_res[i] for p in parts]) for i in range(len(parts[0].high_res))],
             torch.cat([p.pix for p in parts]),
             [t for p in parts for t in p.tiles],
             [s for p in parts for s in p.sizes],
+            layouts,
+            [torch.cat([p.extra[i] for p in parts]) for i in range(len(parts[0].extra))],
         )
 
 
-@contextlib.contextmanager
-def _swapped(module: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
-    original = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
+def projector_trained(sa2va: Sa2VA) -> bool:
+    """True when the vision projector (InternVL's mlp1) trains: features are cached before it."""
+    projector = sa2va.family.projector(sa2va.model)
+    return projector is not None and any(p.requires_grad for p in projector.parameters())
 
 
-def mlp1_trained(sa2va: Sa2VA) -> bool:
-    return any(p.requires_grad for p in sa2va.model.mlp1.parameters())
+mlp1_trained = projector_trained  # the name the benchmark uses
 
 
 @torch.no_grad()
 def encode_frozen(sa2va: Sa2VA, inputs: SegInputs) -> FrozenFeatures:
-    """ViT (+ mlp1 when frozen) and the SAM2 image encoder: steps 1-4 of the release's path."""
+    """Vision tower (+ projector when frozen) and the SAM2 image encoder: steps 1-4 of the release's path."""
     return encode_images(sa2va, inputs)
 
 
 def encode_images(sa2va: Sa2VA, inputs: SegInputs) -> FrozenFeatures:
     """`encode_frozen` with gradients allowed (the baseline builder trains the image encoder)."""
-    model = sa2va.model
-    vit_pixels = inputs.vit_pixels.to(sa2va.device, sa2va.dtype)
-    if mlp1_trained(sa2va):
-        # mlp1 trains, so the cache must hold what goes into it: run extract_feature without it.
-        with _swapped(model, "mlp1", nn.Identity()):
-            vit = model.extract_feature(vit_pixels)
-    else:
-        vit = model.extract_feature(vit_pixels)
+    layouts = [inputs.layout(i) for i in range(len(inputs.tiles))]
+    vit, rows, extra = sa2va.family.encode_vision(sa2va, inputs.vit_pixels, layouts,
+                                                  with_projector=not projector_trained(sa2va))
     sam2 = sa2va.sam2
     images = inputs.sam_pixels.to(sa2va.device, sa2va.dtype)
     feats = sam2.forward_image(images)
@@ -379,7 +390,7 @@ def encode_images(sa2va: Sa2VA, inputs: SegInputs) -> FrozenFeatures:
     ]
     h, w = feat_sizes[-1]
     pix = (vision_feats[-1] + sam2.no_mem_embed).permute(1, 2, 0).reshape(batch, -1, h, w)
-    return FrozenFeatures(vit, high_res, pix, list(inputs.tiles), list(inputs.sizes))
+    return FrozenFeatures(vit, high_res, pix, rows, list(inputs.sizes), inputs.layouts, extra)
 
 
 def seg_logits(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: str) -> Tensor:
@@ -390,7 +401,7 @@ def seg_logits(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: st
     model = sa2va.model
     device = sa2va.device
     batch = len(features.tiles)
-    sequences = [prompt_ids(sa2va, t, question, answer) for t in features.tiles]
+    sequences = [prompt_ids(sa2va, features.layout(i), question, answer) for i in range(batch)]
     length = max(len(s) for s in sequences)
     pad = sa2va.tokenizer.pad_token_id or 0
     input_ids = torch.full((batch, length), pad, dtype=torch.long)
@@ -400,17 +411,10 @@ def seg_logits(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: st
         attention[i, : len(seq)] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
 
-    lm = model.language_model
-    embeds = lm.get_input_embeddings()(input_ids)
     vit = features.vit.to(device)
-    if mlp1_trained(sa2va):
-        vit = model.mlp1(vit)
-    image_mask = input_ids == sa2va.img_context_token_id
-    embeds = embeds.masked_scatter(image_mask[..., None], vit.reshape(-1, vit.shape[-1]).to(embeds.dtype))
-
-    # The decoder alone: the [SEG] state needs no vocabulary logits and no KV cache.
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
+    if projector_trained(sa2va):
+        vit = sa2va.family.projector(model)(vit)
+    hidden = sa2va.family.llm_hidden(sa2va, input_ids, attention, vit, features)
     seg_pos = (input_ids == sa2va.seg_token_id).int().argmax(dim=1)
     seg_hidden = hidden[torch.arange(batch, device=device), seg_pos]
     seg_embedding = model.text_hidden_fcs(seg_hidden)  # only the [SEG] rows go through it
@@ -466,21 +470,22 @@ class SegPolicy(nn.Module):
     so FSDP never shards them and DDP never sees them.
     """
 
-    # Policy child name -> name of the same module inside the Sa2VA model.
-    MODEL_PREFIX = {
-        "language_model.": "language_model.",
-        "text_hidden_fcs.": "text_hidden_fcs.",
-        "mask_decoder.": "grounding_encoder.sam2_model.sam_mask_decoder.",
-        "mlp1.": "mlp1.",
-    }
-
     def __init__(self, sa2va: Sa2VA, question: str, answer: str):
         super().__init__()
-        self.language_model = sa2va.model.language_model
+        family = sa2va.family
+        self.language_model = sa2va.llm
         self.text_hidden_fcs = sa2va.model.text_hidden_fcs
         self.mask_decoder = sa2va.sam2.sam_mask_decoder
-        if mlp1_trained(sa2va):
-            self.mlp1 = sa2va.model.mlp1
+        # Policy child name -> name of the same module inside the Sa2VA model (checkpoints and
+        # the export use the model's names; optimizer state uses these).
+        self.model_prefix = {
+            "language_model.": family.llm_path + ".",
+            "text_hidden_fcs.": "text_hidden_fcs.",
+            "mask_decoder.": "grounding_encoder.sam2_model.sam_mask_decoder.",
+        }
+        if projector_trained(sa2va):
+            self.mlp1 = family.projector(sa2va.model)  # the vision projector, InternVL's mlp1
+            self.model_prefix["mlp1."] = f"{family.projector_path}."
         self._sa2va = [sa2va]  # a list hides it from nn.Module's registry
         self.question, self.answer = question, answer
 
@@ -495,16 +500,14 @@ class SegPolicy(nn.Module):
                 return list(layers)
         return []
 
-    @classmethod
-    def to_model_name(cls, name: str) -> str:
-        for prefix, target in cls.MODEL_PREFIX.items():
+    def to_model_name(self, name: str) -> str:
+        for prefix, target in self.model_prefix.items():
             if name.startswith(prefix):
                 return target + name[len(prefix):]
         raise KeyError(name)
 
-    @classmethod
-    def from_model_name(cls, name: str) -> str:
-        for prefix, target in cls.MODEL_PREFIX.items():
+    def from_model_name(self, name: str) -> str:
+        for prefix, target in self.model_prefix.items():
             if name.startswith(target):
                 return prefix + name[len(target):]
         raise KeyError(name)

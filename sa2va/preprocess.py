@@ -59,7 +59,8 @@ def vit_tiles(image: np.ndarray, tile: int, min_num: int = 1, max_num: int = 12,
     return torch.stack([_to_tensor(c, tile) for c in crops])
 
 
-def sam_input(image: np.ndarray, size: int) -> Tensor:
-    """uint8 (H, W, 3) -> float (3, size, size) in 0..255, resized straight (aspect not kept)."""
-    img = Image.fromarray(image).convert("RGB").resize((size, size), Image.BILINEAR)
+def sam_input(image: np.ndarray, size: int, resample: int = Image.BILINEAR) -> Tensor:
+    """uint8 (H, W, 3) -> float (3, size, size) in 0..255, resized straight (aspect not kept),
+    with the family's resampling filter (see sa2va.families)."""
+    img = Image.fromarray(image).convert("RGB").resize((size, size), resample)
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1).contiguous()
