@@ -1,0 +1,32 @@
+"""Family adapters: detection from config.json, the refusal of an unknown family."""
+
+import json
+import shutil
+
+import pytest
+
+from sa2va.errors import UserError
+from sa2va.families import detect_family
+from sa2va.model import check_model_folder
+
+
+def test_family_is_read_from_config_json_not_the_folder_name(tiny_model, tmp_path):
+    # A folder named like another family still loads as what its config.json says.
+    renamed = tmp_path / "Sa2VA-Qwen3-VL-4B"
+    shutil.copytree(tiny_model, renamed)
+    config = check_model_folder(renamed)
+    assert detect_family(config, renamed / "config.json").name == "internvl"
+
+
+def test_unknown_family_is_refused_in_one_line_naming_the_config_class(tiny_model, tmp_path):
+    folder = tmp_path / "odd"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["llm_config"]
+    config["auto_map"] = {"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigPhi4",
+                          "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as err:
+        check_model_folder(folder)
+    message = str(err.value)
+    assert "\n" not in message and "Sa2VAChatConfigPhi4" in message and "internvl" in message
