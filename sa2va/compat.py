@@ -9,6 +9,7 @@ objects*, never by editing the user's files, and does nothing where the code nee
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 import types
@@ -79,3 +80,187 @@ def fix_meta_buffers(model: nn.Module, device: torch.device) -> None:
         if isinstance(freqs, Tensor) and freqs.is_meta and callable(getattr(module, "compute_cis", None)):
             side = math.isqrt(freqs.shape[0])
             module.freqs_cis = module.compute_cis(end_x=side, end_y=side).to(device)
+
+
+# --------------------------------------------------------------------------- the 8B/26B family (InternLM2)
+# Breakages 5-9 of the project's notes, measured with the release's InternLM2 remote code.
+
+# LLM architectures the Sa2VA releases dispatch on (llm_config.architectures[0]).
+KNOWN_LLM_ARCHITECTURES = ("Qwen2ForCausalLM", "InternLM2ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM")
+
+
+def check_llm_architecture(folder: Path, config: dict) -> None:
+    """Refuse, in one line, an llm_config whose architecture no Sa2VA release has."""
+    llm = config.get("llm_config")
+    if not isinstance(llm, dict):
+        return  # the Qwen-VL releases carry no llm_config
+    arch = (llm.get("architectures") or [None])[0]
+    if arch not in KNOWN_LLM_ARCHITECTURES:
+        raise UserError(f"{folder / 'config.json'}: llm_config.architectures[0] is {arch!r}, an LLM family "
+                        f"the suite does not know (known: {', '.join(KNOWN_LLM_ARCHITECTURES)})")
+
+
+def _require_sentencepiece(folder: Path, module: str) -> None:
+    """Breakage 5: the InternLM2 tokenizer imports sentencepiece; say so in one line."""
+    source = folder / f"{module}.py"
+    if not source.is_file() or "sentencepiece" not in source.read_text(errors="replace"):
+        return
+    try:
+        importlib.import_module("sentencepiece")
+    except ImportError:
+        raise UserError(f"the tokenizer of {folder} ({source.name}) needs the sentencepiece package, which is "
+                        "not installed: pip install sentencepiece (it is in requirements.txt)") from None
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """Breakage 6: transformers 5.x ignores use_fast=False and converts tokenizer.model into the
+    remote *fast* class, whose ids differ from the release's (every added token shifted). When
+    tokenizer_config.json names a remote slow class as tokenizer_class, build that class itself."""
+    from transformers import AutoTokenizer
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    slow_ref = None
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            tok_config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{config_file} is not valid JSON: {err}") from err
+        refs = (tok_config.get("auto_map") or {}).get("AutoTokenizer")
+        named = tok_config.get("tokenizer_class") or ""
+        if isinstance(refs, (list, tuple)) and refs and refs[0] and not named.endswith("Fast") \
+                and refs[0].rsplit(".", 1)[-1] == named:
+            slow_ref = refs[0]
+    if slow_ref is None:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    _require_sentencepiece(folder, slow_ref.split("--")[-1].rsplit(".", 1)[0])
+    cls = get_class_from_dynamic_module(slow_ref, str(folder))
+    return cls.from_pretrained(str(folder))
+
+
+def repair_rope_scaling(hf_config: Any) -> None:
+    """Breakage 7: the InternLM2 remote code reads llm_config.rope_scaling['type'], but transformers
+    5.x turns `rope_scaling: null` into {'rope_type': 'default', ...} (no 'type'): KeyError at load.
+    Give remote LLM configs back the release's form (None, or {'type', 'factor'}); transformers'
+    own config classes read rope_parameters and are left alone."""
+    llm = getattr(hf_config, "llm_config", None)
+    if llm is None or type(llm).__module__.startswith("transformers."):
+        return
+    scaling = getattr(llm, "rope_scaling", None)
+    if not isinstance(scaling, dict) or "type" in scaling:
+        return
+    kind = scaling.get("rope_type", "default")
+    if kind == "default":
+        llm.rope_scaling = None
+    elif "factor" in scaling:
+        llm.rope_scaling = {"type": kind, "factor": scaling["factor"]}
+
+
+def is_release_rotary(module: nn.Module) -> bool:
+    """A rotary embedding in the Llama-4.3x style of the release's remote code: dim, base,
+    max_position_embeddings, an inv_freq buffer and a _set_cos_sin_cache method."""
+    return (isinstance(getattr(module, "inv_freq", None), Tensor)
+            and all(hasattr(module, name) for name in ("dim", "base", "max_position_embeddings"))
+            and callable(getattr(module, "_set_cos_sin_cache", None)))
+
+
+def restore_rotary_buffers(model: nn.Module) -> int:
+    """Breakage 8: transformers 5.x leaves the non-persistent rotary buffers (inv_freq, cos_cached,
+    sin_cached) of remote-code rotary embeddings uninitialised: RoPE is garbage, silently. Recompute
+    them exactly as the module's __init__ does. Buffers a checkpoint carries (persistent) are left
+    as loaded, for the self-check to judge. Returns the number of modules restored."""
+    restored = 0
+    for module in model.modules():
+        if not is_release_rotary(module) or "inv_freq" not in module._non_persistent_buffers_set:
+            continue
+        device = module.inv_freq.device
+        cache_dtype = module.cos_cached.dtype if isinstance(getattr(module, "cos_cached", None), Tensor) \
+            else torch.float32
+        inv_freq = 1.0 / (module.base ** (torch.arange(0, module.dim, 2).float().to(device) / module.dim))
+        module.register_buffer("inv_freq", inv_freq, persistent=False)
+        module._set_cos_sin_cache(seq_len=module.max_position_embeddings, device=device, dtype=cache_dtype)
+        restored += 1
+    return restored
+
+
+def _legacy_cache(past: Any) -> Any:
+    """A transformers Cache -> the release's tuple of (key, value) per layer (None when empty)."""
+    from transformers.cache_utils import Cache
+
+    if not isinstance(past, Cache):
+        return past
+    if past.get_seq_length() == 0:
+        return None
+    if hasattr(past, "layers"):
+        return tuple((layer.keys, layer.values) for layer in past.layers)
+    return tuple(zip(past.key_cache, past.value_cache))
+
+
+def _with_generation(base: type) -> type:
+    """`base` + GenerationMixin, bridging transformers' Cache objects and the release's tuples:
+    generate hands the model a Cache; the release's code reads and returns tuples."""
+    import functools
+    import inspect
+
+    from transformers import GenerationMixin
+    from transformers.cache_utils import Cache
+
+    accepted = set(inspect.signature(base.forward).parameters)
+
+    # wraps: generate validates its kwargs against these signatures; show it the release's
+    @functools.wraps(base.forward)
+    def forward(self: nn.Module, *args: Any, cache: Any = None, past_key_values: Any = None, **kwargs: Any) -> Any:
+        past = cache if cache is not None else past_key_values
+        legacy = _legacy_cache(past)
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        out = base.forward(self, *args, past_key_values=legacy, **kwargs)
+        new = out.get("cache", out.get("past_key_values")) if isinstance(out, dict) else None
+        if isinstance(past, Cache) and isinstance(new, tuple):
+            seen = legacy[0][0].shape[2] if legacy else 0
+            for idx, (key, value) in enumerate(new):
+                past.update(key[:, :, seen:], value[:, :, seen:], idx)
+            out["cache" if "cache" in type(out).__dataclass_fields__ else "past_key_values"] = past
+        return out
+
+    @functools.wraps(base.prepare_inputs_for_generation)
+    def prepare_inputs_for_generation(self: nn.Module, input_ids: Tensor, cache: Any = None,
+                                      past_key_values: Any = None, **kwargs: Any) -> dict:
+        past = cache if cache is not None else past_key_values
+        inputs = base.prepare_inputs_for_generation(self, input_ids, past_key_values=_legacy_cache(past), **kwargs)
+        inputs["past_key_values"] = past  # the loop's own Cache; forward above converts it
+        # transformers 5.x may pass position_ids for the whole sequence (4.x never did); the
+        # release's rule only slices the ones it makes itself
+        fed = inputs.get("inputs_embeds") if inputs.get("inputs_embeds") is not None else inputs.get("input_ids")
+        positions = inputs.get("position_ids")
+        if positions is not None and fed is not None and positions.shape[-1] != fed.shape[1]:
+            inputs["position_ids"] = positions[..., -fed.shape[1]:]
+        for key in ("output_hidden_states", "output_attentions", "return_dict"):
+            if key in kwargs and key not in inputs:  # the release's rule drops them; generate needs them
+                inputs[key] = kwargs[key]
+        return inputs
+
+    return type(base.__name__, (base, GenerationMixin), {
+        "forward": forward, "prepare_inputs_for_generation": prepare_inputs_for_generation,
+        "__module__": base.__module__, "_sa2va_dpo_generation": True,
+    })
+
+
+_GENERATIVE: dict[type, type] = {}
+
+
+def enable_generation(model: nn.Module) -> int:
+    """Breakage 9: InternLM2ForCausalLM does not inherit GenerationMixin, so since transformers 4.50
+    it has no generate() and predict_forward fails. Every sub-model that defines the release's
+    prepare_inputs_for_generation without GenerationMixin gets a class that has it. Returns the count."""
+    from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+
+    found = [m for m in model.modules() if isinstance(m, PreTrainedModel) and not isinstance(m, GenerationMixin)
+             and callable(getattr(m, "prepare_inputs_for_generation", None))]
+    for module in found:
+        base = type(module)
+        if base not in _GENERATIVE:
+            _GENERATIVE[base] = _with_generation(base)
+        module.__class__ = _GENERATIVE[base]
+        if getattr(module, "generation_config", None) is None:
+            module.generation_config = GenerationConfig.from_model_config(module.config)
+    return len(found)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import compat
+from . import compat, selfcheck
 from .errors import UserError
 from .families import Family, detect_family, get_module, set_module
 from .families.internvl import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES  # noqa: F401 - public names kept
@@ -140,12 +140,13 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     (benchmarks at real shapes without real weights), directly on the device."""
     folder = Path(path)
     config = check_model_folder(folder, need_weights=not random_weights)
+    compat.check_llm_architecture(folder, config)
     code = ", ".join(sorted(p.name for p in folder.glob("*.py"))) or "its Python files"
     if not trust_remote_code:
         raise UserError(
             f"loading {folder} runs the Python code it ships ({code}) to build the model; "
             "if you trust it, set model.trust_remote_code=true (or pass --trust-remote-code)")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -153,14 +154,14 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     print(f"trust_remote_code: building the model from the Python code in {folder} ({code})", flush=True)
     try:
         compat.ensure_post_init(folder, config["auto_map"]["AutoModel"])
+        hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+        compat.repair_rope_scaling(hf_config)
         if random_weights:
-            from transformers import AutoConfig
-
-            hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
             with dev:
                 model = AutoModel.from_config(hf_config, trust_remote_code=True, dtype=torch_dtype)
         else:
-            model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch_dtype)
+            model = AutoModel.from_pretrained(str(folder), config=hf_config, trust_remote_code=True,
+                                              dtype=torch_dtype)
     except ImportError as err:
         raise UserError(f"cannot import the remote code of {folder}: {err}") from err
     except (UserError, KeyboardInterrupt, MemoryError):
@@ -169,7 +170,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
         first = (str(err).strip().splitlines() or [""])[0]
         raise UserError(f"cannot load the model in {folder}: {type(err).__name__}: {first}") from err
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+        tokenizer = compat.load_tokenizer(folder)
     except ImportError as err:
         # Known breakage 5: InternLM2 tokenizer code (8B/26B) imports modules moved in 5.x.
         raise UserError(f"cannot load the tokenizer of {folder}: {err}. The InternLM2 tokenizer code of "
@@ -179,12 +180,14 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     model.eval()  # from_config builds in training mode; inference and frozen encoders want eval
     model._count = 0  # known breakage 3: the release's training forward reads it
     compat.fix_meta_buffers(model, dev)
+    compat.restore_rotary_buffers(model)
+    compat.enable_generation(model)
 
     family = detect_family(config, folder / "config.json")
     seg = tokenizer.convert_tokens_to_ids(SEG)
     if seg is None or seg == tokenizer.unk_token_id:
         raise UserError(f"the tokenizer of {folder} has no {SEG} token: not a Sa2VA tokenizer")
-    return Sa2VA(
+    sa2va = Sa2VA(
         model=model,
         tokenizer=tokenizer,
         path=folder,
@@ -195,6 +198,8 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
         dtype=torch_dtype,
         **family.facts(model, tokenizer, folder, config),
     )
+    selfcheck.check_loaded(sa2va)
+    return sa2va
 
 
 # --------------------------------------------------------------------------- freezing and LoRA

@@ -1,11 +1,14 @@
 """Write a Sa2VA-format checkpoint folder: the tiny test model, or the real sizes' configs.
 
-    python -m sa2va.tiny --out DIR [--seed N] [--preset tiny|1b|4b|26b] [--no-weights] [--no-warmup]
+    python -m sa2va.tiny --out DIR [--seed N] [--preset tiny|1b|4b|8b|26b] [--family qwen2|internlm2]
+                         [--no-weights] [--no-warmup]
 
 The folder holds config.json (model_type sa2va_chat, auto_map to the remote code), the three
 remote-code files from sa2va/remote_code/ (copied verbatim, they never import `sa2va`), the
 tokenizer (tokenizer.json + tokenizer_config.json), generation_config.json and, unless
---no-weights, model.safetensors. It loads with
+--no-weights, model.safetensors. `--family internlm2` (and the 8b/26b presets) give the
+Sa2VA-8B/26B layout instead: InternLM2 remote code and a sentencepiece tokenizer
+(sa2va/tiny_internlm2.py). It loads with
 `AutoModel.from_pretrained(DIR, trust_remote_code=True)` like a real Sa2VA release.
 
 Same seed => byte-identical model.safetensors and tokenizer files. The tiny preset is
@@ -29,10 +32,14 @@ import torch
 
 from .errors import UserError, run_cli
 from .fileio import atomic_dir
+from . import compat, tiny_internlm2
 from .remote_code.sam2 import HIERA_L_SAM2_CONFIG
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
-REMOTE_CODE_FILES = ("configuration_sa2va_chat.py", "modeling_sa2va_chat.py", "sam2.py")
+# Every family ships the InternLM2 LLM code, as the release does: modeling_sa2va_chat imports it.
+REMOTE_CODE_FILES = ("configuration_sa2va_chat.py", "modeling_sa2va_chat.py", "sam2.py",
+                     "configuration_internlm2.py", "modeling_internlm2.py")
+FAMILIES = ("qwen2", "internlm2")
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -209,24 +216,51 @@ PRESETS: dict = {
         "llm": _qwen2(2048, 36, 16, 2, 11008, 151936, True),
         "sam2": _HIERA_L_SAM2,
     },
+    "8b": {
+        "description": "Sa2VA-8B shapes: InternViT-300M + InternLM2.5-7B (remote code) + SAM2 Hiera-L",
+        "template": "internlm2_chat",
+        "force_image_size": 448,
+        "max_dynamic_patch": 12,
+        "dtype": "bfloat16",
+        "vision": _VIT_300M,
+        "llm": tiny_internlm2.internlm2_llm(4096, 32, 32, 8, 14336, 92544,
+                                            rope_scaling={"type": "dynamic", "factor": 2.0}),
+        "sam2": _HIERA_L_SAM2,
+    },
     "26b": {
-        "description": "Sa2VA-26B FLOPs: InternViT-6B + a Qwen2-style LLM at InternLM2.5-20B dims + SAM2 Hiera-L",
+        "description": "Sa2VA-26B shapes: InternViT-6B + InternLM2.5-20B (remote code) + SAM2 Hiera-L",
         "template": "internlm2_chat",
         "force_image_size": 448,
         "max_dynamic_patch": 12,
         "dtype": "bfloat16",
         "vision": _VIT_6B,
-        "llm": _qwen2(6144, 48, 48, 8, 16384, 92544, False),
+        "llm": tiny_internlm2.internlm2_llm(6144, 48, 48, 8, 16384, 92544,
+                                            rope_scaling={"type": "dynamic", "factor": 2.0}),
         "sam2": _HIERA_L_SAM2,
     },
 }
+# The tiny model of the 8B/26B family: the same sizes as "tiny", the LLM and tokenizer of InternLM2.
+_TINY_INTERNLM2 = dict(PRESETS["tiny"], template="internlm2_chat",
+                       llm=tiny_internlm2.internlm2_llm(64, 2, 4, 2, 128, 1024, max_pos=4096))
 
 
-def preset_config_dict(preset: str) -> dict:
-    """The config.json content of a preset (without transformers' bookkeeping keys)."""
+def preset_family(preset: str) -> str:
+    return "internlm2" if PRESETS[preset]["llm"]["architectures"][0] == "InternLM2ForCausalLM" else "qwen2"
+
+
+def preset_config_dict(preset: str, family: str | None = None) -> dict:
+    """The config.json content of a preset (without transformers' bookkeeping keys).
+
+    family None = the preset's own; the tiny preset exists in both families."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (choose one of: {', '.join(PRESETS)})")
+    if family is not None and family not in FAMILIES:
+        raise UserError(f"unknown family {family!r} (choose one of: {', '.join(FAMILIES)})")
     p = PRESETS[preset]
+    if family is not None and family != preset_family(preset):
+        if preset != "tiny":
+            raise UserError(f"preset {preset!r} is of the {preset_family(preset)} family, not {family!r}")
+        p = _TINY_INTERNLM2
     vision = copy.deepcopy(p["vision"])
     vision["image_size"] = [p["force_image_size"], p["force_image_size"]]
     return {
@@ -436,6 +470,7 @@ def _build_model(config_dict: dict, seed: int):
     Sa2VAChatConfig, Sa2VAChatModel = _load_remote_classes()
     kwargs = {k: v for k, v in config_dict.items() if k not in ("model_type", "auto_map", "torch_dtype")}
     config = Sa2VAChatConfig(**kwargs)
+    compat.repair_rope_scaling(config)  # our InternLM2 code has the release's rope_scaling quirk
     torch.manual_seed(seed)
     model = Sa2VAChatModel(config)
     return model.float().eval()
@@ -454,8 +489,12 @@ def write_tiny_checkpoint(
     preset: str = "tiny",
     weights: bool = True,
     warmup: bool = True,
+    family: str | None = None,
 ) -> Path:
     """Write a Sa2VA-format checkpoint folder at `out` (refused if it exists and is not empty).
+
+    family: "qwen2" (Sa2VA-1B/4B layout) or "internlm2" (Sa2VA-8B/26B layout); None = the
+    preset's own (tiny: qwen2).
 
     weights=False writes everything but model.safetensors (build it with AutoConfig +
     AutoModel.from_config). Presets other than "tiny" need weights=False: random weights of
@@ -474,21 +513,26 @@ def write_tiny_checkpoint(
     out = Path(out)
     if not out.parent.exists():
         raise UserError(f"parent folder of --out does not exist: {out.parent}")
-    config_dict = preset_config_dict(preset)
+    config_dict = preset_config_dict(preset, family)
+    family = family or preset_family(preset)
 
     with atomic_dir(out) as tmp:
-        vocab = _write_tokenizer(tmp)
+        if family == "internlm2":
+            ids = tiny_internlm2.write_tokenizer(tmp, _CORPUS.splitlines() + WARMUP_PROMPTS)
+            vocab, stops, pad = max(ids.values()) + 1, [ids["<|im_end|>"], ids["</s>"]], ids["</s>"]
+            code = REMOTE_CODE_FILES + tiny_internlm2.REMOTE_CODE_FILES
+        else:
+            vocab = _write_tokenizer(tmp)
+            stops = [_token_id(tmp, "<|im_end|>"), _token_id(tmp, "<|endoftext|>")]
+            pad, code = _token_id(tmp, "<|endoftext|>"), REMOTE_CODE_FILES
         if preset == "tiny":
-            # the embedding is sized to the tokenizer (rounded up); real presets keep the real vocab
-            config_dict["llm_config"]["vocab_size"] = int(-(-vocab // 64) * 64)
-        for name in REMOTE_CODE_FILES:
+            # the embedding is sized to the tokenizer (qwen2: rounded up; internlm2: exactly, like
+            # the release, so that a shifted token id falls outside); real presets keep the real vocab
+            rows = vocab if family == "internlm2" else int(-(-vocab // 64) * 64)
+            config_dict["llm_config"]["vocab_size"] = rows
+        for name in code:
             shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
-        generation = {
-            "do_sample": False,
-            "max_new_tokens": 2048,
-            "eos_token_id": [_token_id(tmp, "<|im_end|>"), _token_id(tmp, "<|endoftext|>")],
-            "pad_token_id": _token_id(tmp, "<|endoftext|>"),
-        }
+        generation = {"do_sample": False, "max_new_tokens": 2048, "eos_token_id": stops, "pad_token_id": pad}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         if weights:
             threads = torch.get_num_threads()
@@ -499,7 +543,11 @@ def write_tiny_checkpoint(
                     if warmup:
                         from transformers import AutoTokenizer
 
-                        tokenizer = AutoTokenizer.from_pretrained(str(tmp))
+                        if family == "internlm2":
+                            tokenizer = tiny_internlm2.load_slow_tokenizer(tmp)
+                            compat.enable_generation(model.language_model)  # the warm-up generates
+                        else:
+                            tokenizer = AutoTokenizer.from_pretrained(str(tmp))
                         _warmup(model, tokenizer, seed)
             finally:
                 torch.set_num_threads(threads)
@@ -543,12 +591,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
     parser.add_argument("--seed", default=0, type=_parse_seed, help="weights seed (default 0)")
     parser.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
+    parser.add_argument("--family", default=None,
+                        help=f"LLM family: {' or '.join(FAMILIES)} (default: the preset's own; tiny: qwen2)")
     parser.add_argument("--no-weights", action="store_true", help="write config, code and tokenizer only")
     parser.add_argument("--no-warmup", action="store_true", help="skip the [SEG] warm-up of the tiny LLM")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    path = write_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset, weights=not args.no_weights, warmup=not args.no_warmup)
-    print(f"wrote {args.preset} Sa2VA checkpoint to {path} ({time.perf_counter() - t0:.1f} s)")
+    path = write_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset, weights=not args.no_weights,
+                                 warmup=not args.no_warmup, family=args.family)
+    family = args.family or preset_family(args.preset)
+    print(f"wrote {args.preset} Sa2VA checkpoint ({family} family) to {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -238,7 +238,7 @@ def test_cli_existing_out(ckpts):
 
 def test_real_preset_configs():
     dims = {"1b": (896, 24, 14, 2, 4864, 1024, 24), "4b": (2048, 36, 16, 2, 11008, 1024, 24),
-            "26b": (6144, 48, 48, 8, 16384, 3200, 45)}
+            "8b": (4096, 32, 32, 8, 14336, 1024, 24), "26b": (6144, 48, 48, 8, 16384, 3200, 45)}
     for preset, (h, layers, heads, kv, inter, vit_h, vit_layers) in dims.items():
         cfg = preset_config_dict(preset)
         llm, vit, sam = cfg["llm_config"], cfg["vision_config"], cfg["sam2_config"]
@@ -251,7 +251,10 @@ def test_real_preset_configs():
         assert num_image_token(preset) == 256
     assert preset_config_dict("26b")["vision_config"]["use_qk_norm"] is True
     assert preset_config_dict("1b")["llm_config"]["vocab_size"] == 151936
-    assert set(PRESETS) == {"tiny", "1b", "4b", "26b"}
+    assert set(PRESETS) == {"tiny", "1b", "4b", "8b", "26b"}
+    for preset in ("8b", "26b"):  # the user's family: InternLM2 remote code, its template
+        cfg = preset_config_dict(preset)
+        assert cfg["llm_config"]["architectures"] == ["InternLM2ForCausalLM"] and cfg["template"] == "internlm2_chat"
     # LLM parameter count by formula: Qwen2.5-0.5B is 494M with tied embeddings
     llm = preset_config_dict("1b")["llm_config"]
     h, i, v, L = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"], llm["num_hidden_layers"]
