@@ -264,3 +264,41 @@ def enable_generation(model: nn.Module) -> int:
         if getattr(module, "generation_config", None) is None:
             module.generation_config = GenerationConfig.from_model_config(module.config)
     return len(found)
+
+
+# Llama/Qwen2 projection names (the suite's default LoRA targets) -> the InternLM2 release's names.
+INTERNLM2_LINEAR_NAMES = {"q_proj": "wqkv", "k_proj": "wqkv", "v_proj": "wqkv", "o_proj": "wo",
+                          "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def lora_targets(llm: nn.Module, targets: Any) -> Any:
+    """LoRA targets named the Llama way reach the InternLM2 layers (fused wqkv, wo, w1-w3) too,
+    so one config trains every family. Names the LLM has are kept as they are."""
+    if not isinstance(targets, (list, tuple)):
+        return targets
+    names = {name.rsplit(".", 1)[-1] for name, module in llm.named_modules() if isinstance(module, nn.Linear)}
+    out: list[str] = []
+    for target in targets:
+        mapped = target if target in names else INTERNLM2_LINEAR_NAMES.get(target, target)
+        if mapped not in out:
+            out.append(mapped if mapped in names else target)
+    return out
+
+
+def fix_tied_weights_keys(model: nn.Module) -> int:
+    """The release's InternLM2ForCausalLM declares `_tied_weights_keys = ['output.weight']` (a list,
+    transformers 4.x); transformers 5.x reads a {target: source} dict and save_pretrained (the
+    export) fails on the list. Give each such loaded object the dict form, the source being its
+    input embedding. Returns the number of objects repaired."""
+    from transformers import PreTrainedModel
+
+    repaired = 0
+    for module in model.modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if not isinstance(module, PreTrainedModel) or not isinstance(keys, (list, tuple)):
+            continue
+        embedding = module.get_input_embeddings()
+        source = next((f"{name}.weight" for name, sub in module.named_modules() if sub is embedding), None)
+        module._tied_weights_keys = {key: source for key in keys} if source else {}
+        repaired += 1
+    return repaired

@@ -182,6 +182,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     compat.fix_meta_buffers(model, dev)
     compat.restore_rotary_buffers(model)
     compat.enable_generation(model)
+    compat.fix_tied_weights_keys(model)
 
     family = detect_family(config, folder / "config.json")
     seg = tokenizer.convert_tokens_to_ids(SEG)
@@ -219,6 +220,7 @@ def add_lora_and_freeze(sa2va: Sa2VA, lora: Any, train_modules: Any) -> None:
     targets: Any = lora.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"  # peft's rule: every Linear except the output head
+    targets = compat.lora_targets(sa2va.llm, targets)  # q_proj ... down_proj also name InternLM2's
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=targets, bias="none")
     projector = sa2va.family.projector(model)
