@@ -29,8 +29,8 @@ from scipy import ndimage
 
 from .errors import UserError
 from .fileio import check_writable_dir, read_mask, read_rgb, safe_join, write_json, write_mask
+from .imageio import IMAGE_SUFFIXES, find_named
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # as sa2va.data reads them
 SOURCES = ("given", "model", "perturb")
 PERTURBATIONS = ("erode", "dilate", "break", "drop_thin")
 DEFAULT_PERTURBATIONS = ("erode", "dilate", "break")
@@ -293,7 +293,8 @@ def _check_sample(data: Path, root: Path, stem: str, paths: list[Path]) -> Sampl
         raise _BadFile(f"two images share the name {stem!r} ({names}); their masks would collide",
                        _rel(data, paths[0]))
     image_rel = _rel(data, paths[0])
-    mask_rel = f"masks/{stem}.png"
+    mask_path = _checked(lambda: find_named(data / "masks", stem), f"masks/{stem}.png")
+    mask_rel = _rel(data, mask_path) if mask_path is not None else f"masks/{stem}.png"
     _checked(lambda: safe_join(root, image_rel, f"image {image_rel}"), image_rel)
     image = _checked(lambda: read_rgb(data / image_rel), image_rel)
     height, width = image.shape[:2]
@@ -305,20 +306,18 @@ def _check_sample(data: Path, root: Path, stem: str, paths: list[Path]) -> Sampl
     if not gt.any():
         raise _BadFile(f"mask {data / mask_rel} is empty (no vessel pixel): a pair needs a non-empty "
                        "ground truth", mask_rel)
-    rejected_rel: str | None = f"rejected_masks/{stem}.png"
-    if (data / rejected_rel).exists():
+    found = _checked(lambda: find_named(data / "rejected_masks", stem), f"rejected_masks/{stem}.png")
+    rejected_rel: str | None = _rel(data, found) if found is not None else None
+    if rejected_rel is not None:
         _checked(lambda: safe_join(root, rejected_rel, f"rejected mask {rejected_rel}"), rejected_rel)
         rejected = _checked(lambda: read_mask(data / rejected_rel), rejected_rel)
         _same_size(data, rejected, rejected_rel, image_rel, (height, width))
-    else:
-        rejected_rel = None
-    fov_rel: str | None = f"fov/{stem}.png"
-    if (data / fov_rel).exists():
+    found = _checked(lambda: find_named(data / "fov", stem), f"fov/{stem}.png")
+    fov_rel: str | None = _rel(data, found) if found is not None else None
+    if fov_rel is not None:
         _checked(lambda: safe_join(root, fov_rel, f"fov mask {fov_rel}"), fov_rel)
         fov = _checked(lambda: read_mask(data / fov_rel), fov_rel)
         _same_size(data, fov, fov_rel, image_rel, (height, width))
-    else:
-        fov_rel = None
     return Sample(stem, image_rel, mask_rel, rejected_rel, fov_rel, (height, width))
 
 

@@ -5,7 +5,8 @@ Pairs: ROOT/dpo_annotations.json = [{"image": "images/x.png", "chosen_mask": "..
 set is opened (keys, paths inside ROOT, files present), so a bad file stops the run before
 any GPU time is spent, naming the entry.
 
-Image folders: ROOT/images/NAME.(png|jpg|...), ROOT/masks/NAME.png, optional ROOT/fov/NAME.png.
+Image folders: ROOT/images/NAME.(png|jpg|tif|ppm|...), ROOT/masks/NAME.(png|gif|tif|...), optional
+ROOT/fov/NAME.* and ROOT/masks_2nd/NAME.* (a second observer), as sa2va.datasets writes them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import UserError
-from .fileio import read_mask, read_rgb, safe_join
+from .fileio import safe_join
+from .imageio import (IMAGE_SUFFIXES, MASK_SUFFIXES, check_same_size, find_named, image_files, read_image, read_mask,
+                      stem_index)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PAIR_KEYS = ("image", "chosen_mask", "rejected_mask")
 
 
@@ -92,7 +94,7 @@ class PairDataset(Dataset):
     def _load(self, index: int, images: dict[Path, np.ndarray]) -> dict[str, Any]:
         entry = self.entries[index]
         if entry.image not in images:
-            images[entry.image] = read_rgb(entry.image)
+            images[entry.image] = read_image(entry.image)
         image = images[entry.image]
         chosen = read_mask(entry.chosen)
         rejected = read_mask(entry.rejected)
@@ -114,15 +116,27 @@ class ImageEntry:
     image: Path
     mask: Path | None
     fov: Path | None
+    second: Path | None = None  # a second observer's mask (masks_2nd/), where the data set has one
+    binarize: float | None = None  # threshold for grey-level or JPEG masks (None: they are refused)
 
 
-def list_image_folder(root: str | Path, need_masks: bool = True, ids: list[str] | None = None) -> list[ImageEntry]:
-    """Entries of ROOT/images with their masks (and FOV masks where present), sorted by name."""
+def list_image_folder(root: str | Path, need_masks: bool = True, ids: list[str] | None = None,
+                      binarize: float | None = None, flat_ok: bool = False) -> list[ImageEntry]:
+    """Entries of ROOT/images with their masks (and FOV, second-observer masks where present), by name.
+
+    A mask is ROOT/masks/NAME.EXT with any lossless extension (and .jpg, refused when read
+    unless `binarize`); two images or two masks with one name are refused by name. With
+    flat_ok, a ROOT without images/ that holds image files is itself the image folder (photos
+    without masks).
+    """
     root_path = Path(root)
     images_dir = root_path / "images"
     if not images_dir.is_dir():
-        raise UserError(f"data folder {root_path} has no images/ folder")
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not (flat_ok and root_path.is_dir() and image_files(root_path)):
+            raise UserError(f"data folder {root_path} has no images/ folder"
+                            + (" and holds no images itself" if flat_ok else ""))
+        images_dir = root_path
+    files = image_files(images_dir)
     if ids is not None:
         wanted = set(ids)
         files = [p for p in files if p.stem in wanted]
@@ -131,31 +145,43 @@ def list_image_folder(root: str | Path, need_masks: bool = True, ids: list[str] 
             raise UserError(f"{images_dir}: no image for ids {', '.join(sorted(missing)[:5])}")
     if not files:
         raise UserError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    found = {}
+    if images_dir != root_path:
+        found = {sub: stem_index(root_path / sub) for sub in ("masks", "fov", "masks_2nd")}
     entries = []
     for path in files:
-        mask = root_path / "masks" / f"{path.stem}.png"
-        if not mask.is_file():
-            if need_masks:
-                raise UserError(f"image {path} has no mask {mask}")
-            mask = None
-        fov = root_path / "fov" / f"{path.stem}.png"
-        entries.append(ImageEntry(path.stem, path, mask, fov if fov.is_file() else None))
+        named = {sub: find_named(root_path / sub, path.stem, index) for sub, index in found.items()}
+        mask = named.get("masks")
+        if mask is None and need_masks:
+            raise UserError(f"image {path} has no mask {root_path / 'masks' / path.stem}.png "
+                            f"(or .{', .'.join(s.lstrip('.') for s in MASK_SUFFIXES[1:])})")
+        entries.append(ImageEntry(path.stem, path, mask, named.get("fov"), named.get("masks_2nd"), binarize))
     return entries
 
 
 def load_image_entry(entry: ImageEntry) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    image = read_rgb(entry.image)
+    """(image, mask or None, FOV or None), every mask checked against the image's size."""
+    image = read_image(entry.image)
     masks = []
-    for path in (entry.mask, entry.fov):
+    for path, binarize, what in ((entry.mask, entry.binarize, "mask"), (entry.fov, None, "fov mask")):
         if path is None:
             masks.append(None)
             continue
-        mask = read_mask(path)
-        if mask.shape != image.shape[:2]:
-            raise UserError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {entry.image} "
-                            f"is {image.shape[1]}x{image.shape[0]}")
+        mask = read_mask(path, binarize=binarize, what=what)
+        check_same_size(mask, path, image, entry.image, what)
         masks.append(mask)
     return image, masks[0], masks[1]
+
+
+def load_second_observer(entry: ImageEntry, shape: tuple[int, int]) -> np.ndarray | None:
+    """The second observer's mask of an entry (None when it has none), checked against `shape`."""
+    if entry.second is None:
+        return None
+    mask = read_mask(entry.second, binarize=entry.binarize, what="second-observer mask")
+    if mask.shape != shape:
+        raise UserError(f"second-observer mask {entry.second} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                        f"{entry.image} is {shape[1]}x{shape[0]}")
+    return mask
 
 
 def masks_to_tensor(masks: list[np.ndarray], size: tuple[int, int] | None = None) -> torch.Tensor:

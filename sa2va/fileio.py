@@ -1,4 +1,4 @@
-"""Files that are never half-written, and image/mask reading that says what is wrong.
+"""Files that are never half-written (image/mask reading lives in sa2va.imageio).
 
 Every writer goes to a temporary sibling first and is renamed into place, so a crash
 leaves either the old file or the new one, never a torn one.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import UserError
 
@@ -104,54 +104,17 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8 (H, W, 3). Grey and RGBA images are converted."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from err
+    """Read an image as uint8 (H, W, 3): sa2va.imageio.read_image (every mode, 16-bit scaling)."""
+    from .imageio import read_image
+
+    return read_image(path)
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a binary mask as bool (H, W).
+def read_mask(path: str | os.PathLike, binarize: float | None = None) -> np.ndarray:
+    """Read a binary mask as bool (H, W): sa2va.imageio.read_mask (lossless formats, 8/16-bit)."""
+    from .imageio import read_mask as _read_mask
 
-    Accepted: single-channel 8-bit or 1-bit PNGs holding exactly two values {0, v} (v > 0),
-    or RGB/RGBA whose colour channels are equal (a grey mask saved as colour). Anything else
-    (several grey levels, coloured masks, 16-bit) is refused: a silently thresholded mask
-    could train on the wrong target.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"mask not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            arr = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(f"cannot read mask {path}: {err}") from err
-    if mode == "RGBA" and not np.all(arr[..., 3] == 255):
-        raise UserError(f"mask {path} has transparency (an alpha channel that is not fully opaque); masks are "
-                        "read from their grey values, so the alpha is not used: save a single-channel 0/255 mask")
-    if mode in ("RGB", "RGBA"):
-        colour = arr[..., :3]
-        if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
-            raise UserError(f"mask {path} is a colour image; expected a single-channel binary mask")
-        arr = colour[..., 0]
-    elif mode not in ("L", "1", "P"):
-        raise UserError(f"mask {path} has image mode {mode}; expected an 8-bit single-channel binary mask")
-    if mode == "P":
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("L"))
-    values = np.unique(arr)
-    if values.size > 2 or (values.size == 2 and values[0] != 0):
-        shown = ", ".join(str(v) for v in values[:6]) + (" ..." if values.size > 6 else "")
-        raise UserError(f"mask {path} is not binary: it holds values {shown}; expected 0 and one other value")
-    return arr > 0
+    return _read_mask(path, binarize=binarize)
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
