@@ -161,6 +161,8 @@ def print_summary(result: Curation, report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from sa2va.console import print_whole
+
     console = Console(highlight=False, soft_wrap=True)
     table = Table(title=f"rejected masks (min-gap {result.options.min_gap:g})")
     widest = max((len(tag) for tag in report["per_source"]), default=8)
@@ -173,7 +175,7 @@ def print_summary(result: Curation, report: dict[str, Any]) -> None:
         table.add_row(tag, str(row["candidates"]), str(row["kept"]), str(row["gap_below_min"]),
                       str(row["gap_above_max"]), str(row["duplicate"]), str(row["identical_to_chosen"]),
                       str(row["max_samples"]), _fmt(row["mean_gap"]), _fmt(row["mean_gap_kept"]))
-    console.print(table)
+    print_whole(console, table)
     console.print("cands: candidates; <min / >max: dropped by the gap rule; dup: same mask as an earlier "
                   "rejected one; =GT: same as the chosen mask; capped: left out by --max-samples; "
                   "gap: mean gap of the distinct candidates, gap kept: of the kept pairs", markup=False)

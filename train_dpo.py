@@ -490,8 +490,9 @@ def export_final(cfg: Config, out: Path, dtype: str) -> None:
 
 
 def print_parameter_table(sa2va: Sa2VA) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from sa2va.console import make_console, print_whole
 
     table = Table(title="parameters")
     for col in ("module", "trained", "frozen"):
@@ -501,7 +502,7 @@ def print_parameter_table(sa2va: Sa2VA) -> None:
         table.add_row(name, f"{t:,}", f"{f:,}")
         total_t, total_f = total_t + t, total_f + f
     table.add_row("total", f"{total_t:,}", f"{total_f:,}", style="bold")
-    Console().print(table)
+    print_whole(make_console(), table)
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:

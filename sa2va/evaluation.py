@@ -33,21 +33,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .data import ImageEntry, list_image_folder, load_image_entry
+from .data import ImageEntry, list_image_folder, load_image_entry, load_second_observer
+from .console import print_whole
 from .errors import UserError
 from .fileio import atomic_dir, check_writable_dir, write_json, write_mask, write_png, write_text
 from .metrics import DISPLAY_NAMES, LOWER_IS_BETTER, METRICS, image_metrics, paired_compare, summarize
+from .prediction import COLOUR_FN, COLOUR_FP, COLOUR_TP, overlay, prediction_record, probability_png  # noqa: F401
 
 COUNT_KEYS = ("tp", "fp", "fn", "tn", "skel_pred", "skel_pred_in_gt", "skel_gt", "skel_gt_in_pred",
               "components_pred", "components_gt")
 HOLDOUT_FILE = "holdout.json"
 RESULTS_FILE = "results.json"
-# Overlay colours (RGB) on the darkened image; see docs/evaluation.md.
-COLOUR_TP = (255, 255, 255)  # white: vessel found
-COLOUR_FP = (255, 40, 40)  # red: predicted, not a vessel
-COLOUR_FN = (40, 110, 255)  # blue: vessel missed
-DIM_INSIDE = 0.45  # brightness kept inside the field of view
-DIM_OUTSIDE = 0.15  # outside it (not scored)
+PREDICTIONS_FILE = "predictions.json"
 
 
 # --------------------------------------------------------------------------- options
@@ -61,7 +58,7 @@ class EvalOptions:
     paths: tuple[str, ...]  # ("forward",), ("generate",) or ("forward", "generate")
     mode: str  # forward | generate | both
     save_masks: bool = False
-    overlays: int = 0
+    overlays: int | None = 0  # None: every image (prediction without masks)
     batch_size: int = 4
     trust_remote_code: bool = False
     threshold: float = 0.5
@@ -71,6 +68,9 @@ class EvalOptions:
     seed: int = 0
     n_boot: int = 2000
     all_images: bool = False
+    predict: bool = False  # --predict: segment without scoring, even where masks exist
+    save_probs: bool = False
+    binarize: float | None = None
 
     @property
     def headline(self) -> str:
@@ -87,10 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Evaluate a Sa2VA checkpoint on a vessel data set, or compare two result files.")
     p.add_argument("--model", help="HF Sa2VA folder (original or exported) or a training checkpoint "
                                    "OUT/checkpoints/step_N (default: model.path of configs/v8.yaml)")
-    p.add_argument("--data", help="data folder: images/, masks/, optional fov/ (and holdout.json)")
+    p.add_argument("--data", help="data folder: images/, masks/, optional fov/ (and holdout.json), or images "
+                                  "alone (predicted, not scored)")
     p.add_argument("--out", help="output folder (default eval/<model folder name>)")
     p.add_argument("--save-masks", action="store_true", help="write predicted masks as PNG under OUT/masks/")
-    p.add_argument("--overlays", type=int, default=0, metavar="N", help="write overlays of the first N images")
+    p.add_argument("--overlays", type=int, default=None, metavar="N",
+                   help="write overlays of the first N images (default: none when scoring, all when predicting)")
+    p.add_argument("--predict", action="store_true",
+                   help="segment without scoring: masks (and overlays) only, even where masks exist; a folder "
+                        "without masks is predicted anyway")
+    p.add_argument("--save-probs", action="store_true",
+                   help="also write the forward path's probability maps, 8-bit PNG = round(255 p), under OUT/probs/")
+    p.add_argument("--binarize", type=float, metavar="T",
+                   help="read grey-level or JPEG ground-truth masks as value > T (0-255 scale) instead of refusing")
     p.add_argument("--path", choices=("forward", "generate", "both"), default="forward",
                    help="forward = teacher-forced [SEG] forward (default); generate = predict_forward; both")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward batch (default 4)")
@@ -178,18 +187,37 @@ def read_holdout(file: Path) -> list[str]:
     return ids
 
 
-def select_images(data: Path, all_images: bool) -> tuple[list[ImageEntry], str, str]:
-    """The images to score, where the list came from ("holdout.json" or "all"), and a sentence."""
+def select_images(data: Path, all_images: bool, predict: bool = False,
+                  binarize: float | None = None) -> tuple[list[ImageEntry], str, str, str | None]:
+    """The images, where the list came from ("holdout.json" or "all"), a sentence, and why no
+    metrics will be computed (None when the images are scored).
+
+    Scored when every selected image has a mask; predicted when --predict is given, or when
+    the folder has no masks at all (no masks/ folder, or images with no masks/ beside them).
+    Some images with masks and some without is refused: scoring only part would mislead.
+    """
     if not data.is_dir():
         raise UserError(f"data folder {data} does not exist")
     holdout = data / HOLDOUT_FILE
-    if holdout.is_file() and not all_images:
-        ids = read_holdout(holdout)
-        entries = list_image_folder(data, need_masks=True, ids=ids)
-        return entries, HOLDOUT_FILE, (f"{data / HOLDOUT_FILE} found: evaluating only its {len(entries)} "
-                                       "held-out images (--all-images scores every image)")
-    entries = list_image_folder(data, need_masks=True)
-    return entries, "all", f"evaluating all {len(entries)} images of {data / 'images'}"
+    ids = read_holdout(holdout) if holdout.is_file() and not all_images else None
+    entries = list_image_folder(data, need_masks=False, ids=ids, binarize=binarize, flat_ok=True)
+    where = data / "images" if (data / "images").is_dir() else data
+    selection = HOLDOUT_FILE if ids is not None else "all"
+    sentence = (f"{holdout} found: {len(entries)} held-out images (--all-images takes every image)"
+                if ids is not None else f"all {len(entries)} images of {where}")
+    without = [e for e in entries if e.mask is None]
+    reason = None
+    if predict:
+        reason = "--predict was given"
+    elif len(without) == len(entries):
+        reason = (f"{data} has no masks/ folder" if not (data / "masks").is_dir()
+                  else f"no image of {where} has a mask in {data / 'masks'}")
+    elif without:
+        first = without[0]
+        raise UserError(f"image {first.image} has no mask in {data / 'masks'} ({len(without)} of {len(entries)} "
+                        "images have none); pass --predict to segment without scoring")
+    verb = "predicting" if reason else "evaluating"
+    return entries, selection, f"{verb} {sentence}", reason
 
 
 def shard(entries: list[ImageEntry], rank: int, world: int) -> list[ImageEntry]:
@@ -284,6 +312,14 @@ def _pack(mask: np.ndarray) -> tuple[tuple[int, int], bytes]:
     return (int(mask.shape[0]), int(mask.shape[1])), np.packbits(mask, axis=None).tobytes()
 
 
+def _png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _unpack(packed: tuple[tuple[int, int], bytes]) -> np.ndarray:
     shape, data = packed
     bits = np.unpackbits(np.frombuffer(data, np.uint8), count=shape[0] * shape[1])
@@ -298,6 +334,7 @@ class ShardResult:
     generation: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> has_seg, n_seg, text, agreement
     masks: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> name -> packed mask
     seconds: dict[str, float] = field(default_factory=dict)  # path -> model time
+    probs: dict[str, bytes] = field(default_factory=dict)  # name -> 8-bit PNG of the forward probabilities
     error: str | None = None
 
 
@@ -318,6 +355,9 @@ def predict_shard(sa2va: Any, entries: list[ImageEntry], opts: EvalOptions, keep
                                           answer=opts.answer)
             result.seconds["forward"] += time.perf_counter() - t0
             preds["forward"] = [p > opts.threshold for p in probs]
+            if opts.save_probs:
+                for entry, prob in zip(chunk, probs):
+                    result.probs[entry.name] = _png_bytes(probability_png(prob))
         if "generate" in opts.paths:
             preds["generate"] = []
             for entry, image in zip(chunk, images):
@@ -327,7 +367,8 @@ def predict_shard(sa2va: Any, entries: list[ImageEntry], opts: EvalOptions, keep
                 preds["generate"].append(mask)
                 result.generation[entry.name] = {"has_seg": n_seg > 0, "n_seg": n_seg, "text": text}
         for i, (entry, (_, gt, fov)) in enumerate(zip(chunk, loaded)):
-            result.rows[entry.name] = {p: image_metrics(preds[p][i], gt, fov) for p in opts.paths}
+            scored = gt is not None and not opts.predict
+            result.rows[entry.name] = {p: image_metrics(preds[p][i], gt, fov) for p in opts.paths} if scored else {}
             if len(opts.paths) == 2:
                 a, b = preds["forward"][i], preds["generate"][i]
                 result.generation[entry.name]["agreement_dice"] = mask_dice(a, b)
@@ -340,19 +381,6 @@ def predict_shard(sa2va: Any, entries: list[ImageEntry], opts: EvalOptions, keep
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray, fov: np.ndarray | None = None) -> np.ndarray:
-    """The darkened image with TP white, FP red, FN blue (inside the FOV; outside it darker)."""
-    out = image.astype(np.float32) * DIM_INSIDE
-    if fov is not None:
-        out[~fov] = image[~fov].astype(np.float32) * DIM_OUTSIDE
-        pred, gt = pred & fov, gt & fov
-    out = out.astype(np.uint8)
-    out[pred & gt] = COLOUR_TP
-    out[pred & ~gt] = COLOUR_FP
-    out[~pred & gt] = COLOUR_FN
-    return out
 
 
 def _folder(kind: str, path: str, headline: str) -> str:
@@ -391,12 +419,68 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
+def _write_probs(opts: EvalOptions, names: list[str], probs: dict[str, bytes]) -> list[Path]:
+    if not opts.save_probs:
+        return []
+    target = opts.out / "probs"
+    with atomic_dir(target, overwrite=True) as tmp:
+        for name in names:
+            (tmp / f"{name}.png").write_bytes(probs[name])
+    return [target]
+
+
+def write_predictions(opts: EvalOptions, entries: list[ImageEntry], masks: dict, probs: dict[str, bytes],
+                      reason: str, seconds: dict[str, float], world: int, device: str, dtype: str) -> list[Path]:
+    """Prediction without scoring: masks/ (every image, its own size, 0/255), probs/, overlays
+    (prediction colour + legend), and predictions.json last; no results.json."""
+    names = [e.name for e in entries]
+    written: list[Path] = []
+    for p in opts.paths:
+        target = opts.out / _folder("masks", p, opts.headline)
+        with atomic_dir(target, overwrite=True) as tmp:
+            for name in names:
+                write_mask(tmp / f"{name}.png", _unpack(masks[p][name]))
+        written.append(target)
+    written += _write_probs(opts, names, probs)
+    if opts.overlays:
+        for p in opts.paths:
+            target = opts.out / _folder("overlays", p, opts.headline)
+            with atomic_dir(target, overwrite=True) as tmp:
+                for entry in entries[: opts.overlays]:
+                    image, _, fov = load_image_entry(ImageEntry(entry.name, entry.image, None, entry.fov))
+                    write_png(tmp / f"{entry.name}.png", overlay(image, _unpack(masks[p][entry.name]), None, fov))
+            written.append(target)
+    head = {n: _unpack(masks[opts.headline][n]) for n in names}
+    write_json(opts.out / PREDICTIONS_FILE, prediction_record(opts, names, head, reason, seconds, world, device,
+                                                              dtype))
+    written.append(opts.out / PREDICTIONS_FILE)
+    return written
+
+
+def second_observer(entries: list[ImageEntry], opts: EvalOptions) -> dict[str, Any] | None:
+    """The second observer scored against the first (masks_2nd/ vs masks/), on the scored images
+    that have one: the agreement a model can hope to reach."""
+    rows, names = [], []
+    for entry in entries:
+        if entry.second is None or entry.mask is None:
+            continue
+        image, gt, fov = load_image_entry(entry)
+        second = load_second_observer(entry, image.shape[:2])
+        rows.append(image_metrics(second, gt, fov))
+        names.append(entry.name)
+    if not rows:
+        return None
+    return {"n": len(rows), "metrics": summarize(rows, METRICS, n_boot=opts.n_boot, seed=opts.seed),
+            "per_image": {n: {m: r[m] for m in METRICS} for n, r in zip(names, rows)}}
+
+
 def write_outputs(opts: EvalOptions, entries: list[ImageEntry], rows: dict, generation: dict, masks: dict,
-                  results: dict[str, Any]) -> list[Path]:
+                  results: dict[str, Any], probs: dict[str, bytes] | None = None) -> list[Path]:
     """Masks and overlays (each folder replaced whole, only once complete), per_image.csv, and
     results.json last."""
     names = [e.name for e in entries]
     written: list[Path] = []
+    written += _write_probs(opts, names, probs or {})
     if opts.save_masks:
         for p in opts.paths:
             target = opts.out / _folder("masks", p, opts.headline)
@@ -490,9 +574,9 @@ def build_results(opts: EvalOptions, names: list[str], selection: str, rows: dic
 
 
 def _console():
-    from rich.console import Console
+    from .console import make_console
 
-    return Console(highlight=False)
+    return make_console()
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -518,7 +602,11 @@ def print_results(console: Any, results: dict[str, Any], opts: EvalOptions, writ
     n = results["n"]
     for p in opts.paths:
         tag = " (headline)" if len(opts.paths) == 2 and p == opts.headline else ""
-        console.print(summary_table(f"{p} path{tag}: {n} images, {opts.model}", results["paths"][p]["metrics"]))
+        print_whole(console, summary_table(f"{p} path{tag}: {n} images, {opts.model}", results["paths"][p]["metrics"]))
+    if "second_observer" in results:
+        so = results["second_observer"]
+        print_whole(console, summary_table(f"second observer against the first (masks_2nd/, {so['n']} images): "
+                                           "the agreement between two people", so["metrics"]))
     if "agreement" in results:
         a = results["agreement"]
         differing = sum(v["differing_pixels"] for v in a["per_image"].values())
@@ -541,8 +629,13 @@ def print_results(console: Any, results: dict[str, Any], opts: EvalOptions, writ
 def _options(args: argparse.Namespace, model: Path, trust_cfg: bool) -> EvalOptions:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.overlays < 0:
+    if args.overlays is not None and args.overlays < 0:
         raise UserError(f"--overlays must be >= 0, got {args.overlays}")
+    if args.save_probs and args.path == "generate":
+        raise UserError("--save-probs needs the forward path (predict_forward gives no probabilities): "
+                        "use --path forward or both")
+    if args.binarize is not None and not 0 <= args.binarize < 255:
+        raise UserError(f"--binarize must lie in [0, 255), got {args.binarize}")
     if not 0.0 < args.threshold < 1.0:
         raise UserError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     n_boot = 2000 if args.n_boot is None else args.n_boot
@@ -561,7 +654,8 @@ def _options(args: argparse.Namespace, model: Path, trust_cfg: bool) -> EvalOpti
         paths=paths, mode=args.path, save_masks=args.save_masks, overlays=args.overlays,
         batch_size=args.batch_size, trust_remote_code=args.trust_remote_code or trust_cfg,
         threshold=args.threshold, question=question, answer=answer, device=args.device, seed=args.seed,
-        n_boot=n_boot, all_images=args.all_images,
+        n_boot=n_boot, all_images=args.all_images, predict=args.predict, save_probs=args.save_probs,
+        binarize=args.binarize,
     )
 
 
@@ -606,7 +700,12 @@ def _evaluate(args: argparse.Namespace, info: Any, say: Callable[..., None], con
         model, trust_cfg = resolve_model(args.model, say)
         opts = _options(args, model, trust_cfg)
         check_model_folder(_model_code_folder(model))
-        entries, selection, sentence = select_images(opts.data, opts.all_images)
+        entries, selection, sentence, reason = select_images(opts.data, opts.all_images, opts.predict,
+                                                             opts.binarize)
+        if reason:
+            opts.predict = True
+            opts.overlays = len(entries) if opts.overlays is None else opts.overlays
+        opts.overlays = opts.overlays or 0
         if "generate" in opts.paths and info.device.type == "cpu" and predict_forward_needs_cuda(model):
             raise UserError(f"--path {opts.mode}: this model's remote code hard-codes CUDA (.cuda()), so its "
                             "predict_forward cannot run on CPU; use --path forward on CPU, or run on a GPU")
@@ -620,7 +719,7 @@ def _evaluate(args: argparse.Namespace, info: Any, say: Callable[..., None], con
         if error:
             raise UserError(error)
         say(sentence)
-        return _run(opts, entries, selection, info, say, console)
+        return _run(opts, entries, selection, info, say, console, reason)
     except BaseException:
         if created and opts.out.is_dir() and not any(opts.out.iterdir()):
             opts.out.rmdir()  # a failed run leaves no empty output folder behind
@@ -628,7 +727,7 @@ def _evaluate(args: argparse.Namespace, info: Any, say: Callable[..., None], con
 
 
 def _run(opts: EvalOptions, entries: list[ImageEntry], selection: str, info: Any, say: Callable[..., None],
-         console: Any) -> int:
+         console: Any, reason: str | None = None) -> int:
     import torch
 
     from .distributed import all_gather_objects
@@ -655,7 +754,7 @@ def _run(opts: EvalOptions, entries: list[ImageEntry], selection: str, info: Any
     say(f"loaded in {time.perf_counter() - t0:.1f} s ({sa2va.device}, {str(sa2va.dtype).replace('torch.', '')})")
 
     names_all = [e.name for e in entries]
-    keep = set(names_all) if opts.save_masks else set(names_all[: opts.overlays])
+    keep = set(names_all) if opts.save_masks or opts.predict else set(names_all[: opts.overlays])
     result = _predict_with_progress(sa2va, mine, opts, keep, info)
     gathered: list[ShardResult] = all_gather_objects(result)
     errors = [r.error for r in gathered if r.error]
@@ -664,20 +763,34 @@ def _run(opts: EvalOptions, entries: list[ImageEntry], selection: str, info: Any
     if not info.is_main:
         return 0
 
-    rows, generation, masks = {}, {}, {p: {} for p in opts.paths}
+    rows, generation, masks, probs = {}, {}, {p: {} for p in opts.paths}, {}
     seconds = {p: 0.0 for p in opts.paths}
     for r in gathered:
         rows.update(r.rows)
         generation.update(r.generation)
+        probs.update(r.probs)
         for p in opts.paths:
             masks[p].update(r.masks[p])
             seconds[p] = max(seconds[p], r.seconds[p])  # ranks run side by side: the slowest sets the pace
     missing = [n for n in names_all if n not in rows]
     if missing:
         raise UserError(f"no prediction came back for {', '.join(missing[:5])}")
-    results = build_results(opts, names_all, selection, rows, generation, seconds, info.world_size,
-                            str(sa2va.device), str(sa2va.dtype).replace("torch.", ""))
-    written = write_outputs(opts, entries, rows, generation, masks, results)
+    device, dtype = str(sa2va.device), str(sa2va.dtype).replace("torch.", "")
+    if opts.predict:
+        written = write_predictions(opts, entries, masks, probs, reason or "--predict was given", seconds,
+                                    info.world_size, device, dtype)
+        for path in written:
+            console.print(f"wrote {path}")
+        console.print(f"no metrics computed: {reason or '--predict was given'}; {len(names_all)} images segmented "
+                      f"(masks at each image's own size in {opts.out / 'masks'})")
+        return 0
+    results = build_results(opts, names_all, selection, rows, generation, seconds, info.world_size, device, dtype)
+    observer = second_observer(entries, opts)
+    if observer:
+        results["second_observer"] = observer
+    if opts.save_probs:
+        results["probs"] = str(opts.out / "probs")
+    written = write_outputs(opts, entries, rows, generation, masks, results, probs)
     print_results(console, results, opts, written)
     return 0
 
@@ -749,7 +862,7 @@ def run_compare(args: argparse.Namespace) -> int:
     console = _console()
     notes = [f"{key} differs: {a.get(key)!r} vs {b.get(key)!r}" for key in ("data", "headline", "threshold", "question")
              if a.get(key) != b.get(key)]
-    console.print(compare_table(comparisons, name_a, name_b, a["_file"], b["_file"]))
+    print_whole(console, compare_table(comparisons, name_a, name_b, a["_file"], b["_file"]))
     for m in metrics:
         console.print(comparisons[m]["sentence"])
     for note in notes:
