@@ -14,6 +14,7 @@ from typing import Any
 def make_console(**kwargs: Any):
     from rich.console import Console
 
+    kwargs.setdefault("soft_wrap", True)  # long lines (paths) are not broken at the console width
     return Console(highlight=False, **kwargs)
 
 

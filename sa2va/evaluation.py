@@ -85,7 +85,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python evaluate.py",
                 description="Evaluate a Sa2VA checkpoint on a vessel data set, or compare two result files.")
-    p.add_argument("--model", help="HF Sa2VA folder (original or exported) or a training checkpoint "
+    p.add_argument("--model", help="HF Sa2VA folder (original or exported), a hub id such as ByteDance/Sa2VA-4B "
+                                   "(through the Hugging Face cache), or a training checkpoint "
                                    "OUT/checkpoints/step_N (default: model.path of configs/v8.yaml)")
     p.add_argument("--data", help="data folder: images/, masks/, optional fov/ (and holdout.json), or images "
                                   "alone (predicted, not scored)")
@@ -148,9 +149,14 @@ def _model_config(model: Path):
 def resolve_model(arg: str | None, say: Callable[[str], None]) -> tuple[Path, bool]:
     """(model folder, trust_remote_code from the config) for --model, or the default config's model."""
     if arg:
+        from .hub import is_hub_id, resolve_model_path
+
         path = Path(arg)
         if not path.exists():
-            raise UserError(f"model folder {path} does not exist")
+            if not is_hub_id(arg):
+                raise UserError(f"model folder {path} does not exist")
+            path = resolve_model_path(arg)  # owner/name: the snapshot in the Hugging Face cache
+            say(f"model {arg}: {path}")
         return path, False
     from .config import DEFAULT_CONFIG, load_config
 
@@ -169,6 +175,8 @@ def default_out(model: Path) -> Path:
     name = resolved.name
     if resolved.parent.name == "checkpoints" and resolved.parent.parent.name:
         name = f"{resolved.parent.parent.name}_{name}"  # runs/v8/checkpoints/step_N -> v8_step_N
+    elif resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
+        name = resolved.parent.parent.name.split("--")[-1]  # a hub id's cache snapshot -> the model's name
     elif name == "final" and resolved.parent.name:
         name = f"{resolved.parent.name}_final"  # train_dpo.py's export runs/v8/final -> v8_final
     return Path("eval") / name

@@ -28,6 +28,7 @@ from . import compat, selfcheck
 from .errors import UserError
 from .families import Family, detect_family, get_module, set_module
 from .families.internvl import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES  # noqa: F401 - public names kept
+from .hub import resolve_model_path
 from .preprocess import sam_input
 
 SEG = "[SEG]"
@@ -91,7 +92,7 @@ class Sa2VA:
 
 def check_model_folder(path: str | Path, need_weights: bool = True) -> dict[str, Any]:
     """Check that `path` is a Sa2VA remote-code folder; name the missing file or field."""
-    folder = Path(path)
+    folder = resolve_model_path(path)  # a hub id (owner/name) -> its snapshot in the HF cache
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist")
     config_file = folder / "config.json"
@@ -138,7 +139,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
 
     random_weights=True builds the architecture of config.json with random weights instead
     (benchmarks at real shapes without real weights), directly on the device."""
-    folder = Path(path)
+    folder = resolve_model_path(path)
     config = check_model_folder(folder, need_weights=not random_weights)
     compat.check_llm_architecture(folder, config)
     code = ", ".join(sorted(p.name for p in folder.glob("*.py"))) or "its Python files"
