@@ -18,6 +18,10 @@ same on every run (no randomness, no timestamps).
   mask_jpeg_noisy.png        the good mask after a JPEG round trip, saved as PNG (grey levels)
   mask_colour.png            RGB: red vessels on black
   mask_empty.png             all 0 (no vessel)
+  mask_three_values.gif      a palette GIF holding 0, 128 and 255 (a grey level inside a DRIVE-style mask)
+  mask_jpeg.jpg              the good mask saved as JPEG (lossy: grey levels at every edge)
+  image_truncated.tif        the good image's TIFF cut in half
+  image.jpg                  the good image as JPEG (beside image.png: two images with one name)
   pairs_*.json               pair files (dpo_annotations.json) with one problem each
   ids_not_utf8.json          a holdout.json / --holdout-ids file that is not UTF-8
   cfg_*.yaml                 run configs with one problem each
@@ -34,6 +38,15 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 SIZE = 16
+
+
+def _encoded(array: np.ndarray, fmt: str, mode: str | None = None, **kw) -> bytes:
+    img = Image.fromarray(array)
+    if mode:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -87,6 +100,13 @@ def files() -> dict[str, bytes]:
     jpeg = io.BytesIO()
     Image.fromarray(grey).save(jpeg, format="JPEG", quality=75)
     out["mask_jpeg_noisy.png"] = _png(np.asarray(Image.open(io.BytesIO(jpeg.getvalue())).convert("L")))
+    three = grey.copy()
+    three[0, :4] = 128
+    out["mask_three_values.gif"] = _encoded(three, "GIF", mode="P")
+    out["mask_jpeg.jpg"] = jpeg.getvalue()
+    tiff = _encoded(image(), "TIFF")
+    out["image_truncated.tif"] = tiff[: len(tiff) // 2]
+    out["image.jpg"] = _encoded(image(), "JPEG", quality=90)
 
     good = {"image": "images/a.png", "chosen_mask": "masks/a.png", "rejected_mask": "rejected_masks/a.png"}
     pairs = {
