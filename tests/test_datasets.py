@@ -357,3 +357,15 @@ def test_tables_stay_whole_in_a_narrow_log():
     text = buf.getvalue()
     assert "…" not in text and "1.2346 to 2.3457" in text and "components error" in text
     assert console.width == 40  # restored after the table
+
+
+def test_the_command_refuses_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "sa2va.datasets", str(tmp_path / "nowhere"), "--out",
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: source folder {tmp_path / 'nowhere'} does not exist"
