@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .data import ImageEntry, list_image_folder, load_image_entry, load_second_observer
 from .console import print_whole
+from .data import ImageEntry, list_image_folder, load_image_entry, load_second_observer
 from .errors import UserError
 from .fileio import atomic_dir, check_writable_dir, write_json, write_mask, write_png, write_text
 from .metrics import DISPLAY_NAMES, LOWER_IS_BETTER, METRICS, image_metrics, paired_compare, summarize
