@@ -348,7 +348,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             meta = {"step": name_step, "total_steps": total_steps, "epoch": name_step // steps_per_epoch,
                     "samples_seen": name_step * batch * cfg.train.grad_accum * info.world_size,
                     "best_dice": best_dice, "skipped_steps": skipped_total, "world_size": info.world_size,
-                    "base_model": str(Path(cfg.model.path).resolve())}
+                    "base_model": str(Path(sa2va.path).resolve())}  # the folder loaded (a hub id: its snapshot)
             training_state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "rng": rngs}
             target = ckpt.save_checkpoint(out, name_step, trained, sa2va.llm, training_state,
                                           meta, to_yaml(cfg), cfg.train.keep_checkpoints, best=best)
