@@ -167,17 +167,19 @@ def is_release_rotary(module: nn.Module) -> bool:
 def restore_rotary_buffers(model: nn.Module) -> int:
     """Breakage 8: transformers 5.x leaves the non-persistent rotary buffers (inv_freq, cos_cached,
     sin_cached) of remote-code rotary embeddings uninitialised: RoPE is garbage, silently. Recompute
-    them exactly as the module's __init__ does. Buffers a checkpoint carries (persistent) are left
-    as loaded, for the self-check to judge. Returns the number of modules restored."""
+    them exactly as the module's __init__ does: inv_freq from base and dim, then the cos/sin tables
+    with the module's own _set_cos_sin_cache. An inv_freq that the checkpoint carries (a persistent
+    buffer) is kept as loaded, for the self-check to judge. Returns the number of modules restored."""
     restored = 0
     for module in model.modules():
-        if not is_release_rotary(module) or "inv_freq" not in module._non_persistent_buffers_set:
+        if not is_release_rotary(module):
             continue
         device = module.inv_freq.device
         cache_dtype = module.cos_cached.dtype if isinstance(getattr(module, "cos_cached", None), Tensor) \
             else torch.float32
-        inv_freq = 1.0 / (module.base ** (torch.arange(0, module.dim, 2).float().to(device) / module.dim))
-        module.register_buffer("inv_freq", inv_freq, persistent=False)
+        if "inv_freq" in module._non_persistent_buffers_set:
+            inv_freq = 1.0 / (module.base ** (torch.arange(0, module.dim, 2).float().to(device) / module.dim))
+            module.register_buffer("inv_freq", inv_freq, persistent=False)
         module._set_cos_sin_cache(seq_len=module.max_position_embeddings, device=device, dtype=cache_dtype)
         restored += 1
     return restored
