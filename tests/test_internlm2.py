@@ -96,6 +96,16 @@ def test_folder_has_the_release_layout_and_quirks(folder):
     assert auto.convert_tokens_to_ids("[SEG]") == ids["[SEG]"] + 6  # the silent shift of breakage 6
 
 
+def test_family_flag_refuses_what_does_not_exist(tmp_path):
+    from sa2va.tiny import write_tiny_checkpoint
+
+    with pytest.raises(UserError, match="unknown family 'llama'"):
+        write_tiny_checkpoint(tmp_path / "a", family="llama")
+    with pytest.raises(UserError, match="preset '26b' is of the internlm2 family, not 'qwen2'"):
+        write_tiny_checkpoint(tmp_path / "b", preset="26b", weights=False, family="qwen2")
+    assert not list(tmp_path.iterdir())
+
+
 def test_tokenizer_model_is_deterministic(tmp_path):
     from sa2va import tiny, tiny_internlm2
 
@@ -258,7 +268,7 @@ def test_self_check_refuses_a_seg_id_outside_the_embedding(folder, tmp_path):
         load_sa2va(bad, trust_remote_code=True, device="cpu", dtype="float32")
 
 
-def test_unknown_llm_family_and_missing_sentencepiece_are_one_line(folder, tmp_path):
+def test_unknown_llm_family_is_one_line_and_writes_nothing(folder, tmp_path):
     from sa2va.synth import write_dataset
 
     bad = copy_folder(folder, tmp_path / "arch")
@@ -270,12 +280,15 @@ def test_unknown_llm_family_and_missing_sentencepiece_are_one_line(folder, tmp_p
                      "--out", str(tmp_path / "out"), "--trust-remote-code"])
     assert str(bad) in line and "MambaForCausalLM" in line and "llm_config.architectures[0]" in line
     assert not (tmp_path / "out").exists()
-    # sentencepiece made unimportable in a fresh interpreter
-    script = ("import sys; sys.modules['sentencepiece'] = None\n"
-              "from sa2va.errors import run_cli\nfrom sa2va.model import load_sa2va\n"
-              f"run_cli(lambda: load_sa2va({str(folder)!r}, True, device='cpu') and 0)\n")
-    line = run_fail([sys.executable, "-c", script])
-    assert "sentencepiece" in line and str(folder) in line
+
+
+def test_missing_sentencepiece_is_named(folder, monkeypatch):
+    from sa2va import compat
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import sentencepiece now fails
+    with pytest.raises(UserError, match=r"tokenizer of .*tokenization_internlm2\.py\) needs the sentencepiece "
+                                        r"package, which is not installed: pip install sentencepiece"):
+        compat.load_tokenizer(folder)
 
 
 # --------------------------------------------------------------------------- train, export, evaluate
