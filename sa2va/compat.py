@@ -304,3 +304,30 @@ def fix_tied_weights_keys(model: nn.Module) -> int:
         module._tied_weights_keys = {key: source for key in keys} if source else {}
         repaired += 1
     return repaired
+
+
+def fix_sam2_device(model: nn.Module) -> None:
+    """The release's sam2.py hard-codes CUDA in its video path (used by predict_forward):
+    `init_state` records torch.device("cuda") as the state's devices and `_get_image_feature`
+    moves each frame with `.cuda()`. Repair it on the loaded predictor object: before the
+    release's `_get_image_feature` runs, point the state at the model's own device and fill the
+    release's frame cache {frame_idx: (image, backbone_out)} there, so its `.cuda()` branch is
+    never taken. The training path (forward_image, _forward_sam_heads) never calls these."""
+    predictor = getattr(getattr(model, "grounding_encoder", None), "sam2_model", None)
+    original = getattr(predictor, "_get_image_feature", None)
+    if original is None or getattr(predictor, "_sa2va_dpo_device_fix", False):
+        return
+
+    def _get_image_feature(inference_state: dict, frame_idx: int, *args: Any, **kwargs: Any) -> Any:
+        param = predictor.no_mem_embed
+        for key in ("device", "storage_device"):
+            if key in inference_state:
+                inference_state[key] = param.device
+        cache = inference_state.get("cached_features")
+        if isinstance(cache, dict) and cache.get(frame_idx, (None, None))[1] is None:
+            image = inference_state["images"][frame_idx].to(param.device, param.dtype).unsqueeze(0)
+            inference_state["cached_features"] = {frame_idx: (image, predictor.forward_image(image))}
+        return original(inference_state, frame_idx, *args, **kwargs)
+
+    predictor._get_image_feature = _get_image_feature  # an instance attribute shadows the method
+    predictor._sa2va_dpo_device_fix = True

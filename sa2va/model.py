@@ -184,6 +184,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     compat.restore_rotary_buffers(model)
     compat.enable_generation(model)
     compat.fix_tied_weights_keys(model)
+    compat.fix_sam2_device(model)
 
     family = detect_family(config, folder / "config.json")
     seg = tokenizer.convert_tokens_to_ids(SEG)

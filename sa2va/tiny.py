@@ -592,11 +592,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", default=0, type=_parse_seed, help="weights seed (default 0)")
     parser.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
     parser.add_argument("--family", default=None,
-                        help=f"LLM family: {' or '.join(FAMILIES)} (default: the preset's own; tiny: qwen2)")
+                        help=f"{' or '.join(FAMILIES)} (InternVL code, the LLM family; default: the preset's own, "
+                             "tiny: qwen2), or qwen2_5_vl / qwen3_vl (Qwen-VL code, sa2va/tiny_qwen_vl.py)")
     parser.add_argument("--no-weights", action="store_true", help="write config, code and tokenizer only")
     parser.add_argument("--no-warmup", action="store_true", help="skip the [SEG] warm-up of the tiny LLM")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    if args.family in ("qwen2_5_vl", "qwen3_vl"):
+        from .tiny_qwen_vl import write_qwen_vl_checkpoint
+
+        path = write_qwen_vl_checkpoint(args.out, family=args.family, seed=args.seed, preset=args.preset,
+                                        weights=not args.no_weights, warmup=not args.no_warmup)
+        print(f"wrote {args.preset} Sa2VA checkpoint ({args.family} family) to {path} ({time.perf_counter() - t0:.1f} s)")
+        return 0
     path = write_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset, weights=not args.no_weights,
                                  warmup=not args.no_warmup, family=args.family)
     family = args.family or preset_family(args.preset)

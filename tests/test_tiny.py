@@ -162,9 +162,15 @@ def test_gradients_reach_seg_path(loaded):
 
 
 def test_predict_forward_segments(loaded):
+    from sa2va.compat import fix_sam2_device
+
     model, tok = loaded
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, size=(70, 110, 3)).astype(np.uint8))
+    if not torch.cuda.is_available():  # sam2.py's video path hard-codes CUDA, as the release's does
+        with pytest.raises((RuntimeError, AssertionError)):
+            model.predict_forward(image=img, text="<image>Please segment the blood vessels.", tokenizer=tok)
+    fix_sam2_device(model)  # what load_sa2va does to every loaded model
     out = model.predict_forward(image=img, text="<image>Please segment the blood vessels.", tokenizer=tok)
     assert "[SEG]" in out["prediction"]
     assert len(out["prediction_masks"]) == out["prediction"].count("[SEG]") == 1

@@ -113,8 +113,9 @@ class Family:
 
 def _families() -> tuple[type[Family], ...]:
     from .internvl import InternVLFamily
+    from .qwen_vl import QwenVLFamily
 
-    return (InternVLFamily,)
+    return (InternVLFamily, QwenVLFamily)
 
 
 def config_class_name(config: dict[str, Any]) -> str:
