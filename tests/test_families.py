@@ -29,4 +29,15 @@ def test_unknown_family_is_refused_in_one_line_naming_the_config_class(tiny_mode
     with pytest.raises(UserError) as err:
         check_model_folder(folder)
     message = str(err.value)
-    assert "\n" not in message and "Sa2VAChatConfigPhi4" in message and "internvl" in message
+    assert "\n" not in message and "Sa2VAChatConfigPhi4" in message and "internvl" in message and "qwen_vl" in message
+
+
+def test_qwen_vl_family_detected_and_its_processor_required(tmp_path):
+    from sa2va.tiny_qwen_vl import write_qwen_vl_checkpoint
+
+    folder = write_qwen_vl_checkpoint(tmp_path / "Sa2VA-1B", family="qwen3_vl", weights=False)
+    config = check_model_folder(folder, need_weights=False)
+    assert detect_family(config, folder / "config.json").name == "qwen_vl"
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.raises(UserError, match="preprocessor_config.json"):
+        check_model_folder(folder, need_weights=False)
