@@ -256,8 +256,11 @@ def enable_generation(model: nn.Module) -> int:
     prepare_inputs_for_generation without GenerationMixin gets a class that has it. Returns the count."""
     from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
+    import inspect
+
     found = [m for m in model.modules() if isinstance(m, PreTrainedModel) and not isinstance(m, GenerationMixin)
-             and callable(getattr(m, "prepare_inputs_for_generation", None))]
+             and callable(getattr(m, "prepare_inputs_for_generation", None))
+             and "past_key_values" in inspect.signature(type(m).forward).parameters]  # a causal LM's forward
     for module in found:
         base = type(module)
         if base not in _GENERATIVE:
