@@ -122,8 +122,8 @@ PRESETS: dict = {
 
 
 def preset_config_dict(family: str, preset: str, token_ids: dict[str, int] | None = None) -> dict:
-    """config.json of a Qwen-VL-family preset. token_ids: the tokenizer's ids of the vision
-    tokens and <|im_end|> (the real presets keep Qwen's own ids)."""
+    """config.json of a Qwen-VL-family preset. token_ids: the folder tokenizer's ids of the vision
+    tokens and <|im_end|> / <|endoftext|> (None: Qwen's own ids, for a config on its own)."""
     if family not in PRESETS:
         raise UserError(f"unknown family {family!r} (choose one of: qwen2, internlm2, {', '.join(FAMILIES)})")
     if preset not in PRESETS[family]:
@@ -312,7 +312,7 @@ def write_qwen_vl_checkpoint(out: str | Path, family: str = "qwen2_5_vl", seed: 
             (tmp / name).write_text(_remote_code(family, name))
         (tmp / "sam2.py").write_text((REMOTE_DIR / "sam2.py").read_text())
         ids = _write_tokenizer_and_processor(tmp, family)
-        config_dict = preset_config_dict(family, preset, ids if preset == "tiny" else None)
+        config_dict = preset_config_dict(family, preset, ids)  # the folder's own tokenizer ids, every preset
         if preset == "tiny":  # the embedding is sized to the tokenizer (rounded up)
             config_dict["text_config"]["vocab_size"] = int(-(-ids["vocab"] // 64) * 64)
         generation = {"do_sample": False, "eos_token_id": [config_dict["eos_token_id"], ids["<|endoftext|>"]],
