@@ -114,6 +114,15 @@ class TrainConfig:
 
 
 @dataclass
+class TilingConfig:
+    # Native resolution (docs/resolution.md): null = off (the whole image squeezed into SAM2's
+    # square input, as predict_forward does); a tile side in pixels (>= 32); or auto = tiles of
+    # the model's logit-grid side, so the grid is at least as fine as the image.
+    size: int | str | None = None
+    overlap: int = 32  # pixels shared by neighbouring tiles, less than half a tile
+
+
+@dataclass
 class DistConfig:
     strategy: str = "ddp"  # ddp or fsdp (FSDP2 fully_shard, for models that do not fit one GPU)
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
@@ -129,6 +138,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
     output_dir: str = "runs/v8"
     max_steps: int | None = None  # optimizer steps; None = train.epochs over the data
     device: str = "auto"  # auto = cuda when available, else cpu
@@ -215,7 +225,14 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, source)
+        for option in inner:  # the first type that takes the value (int | str: 256 or auto)
+            try:
+                return _coerce(option, value, key, source)
+            except UserError:
+                if len(inner) == 1:
+                    raise
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise UserError(f"config key {key} must be {names}, got {value!r} ({source})")
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"config key {key} must be a list, got {value!r} ({source})")
@@ -289,6 +306,9 @@ def validate(cfg: Config) -> None:
     need(cfg.max_steps is None or cfg.max_steps > 0, "max_steps", "must be > 0 or null")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+    from .tiling import check_tiling
+
+    check_tiling(cfg.tiling.size, cfg.tiling.overlap)
     need(cfg.dist.strategy != "fsdp" or cfg.train.cache_frozen, "train.cache_frozen",
          "must be true with dist.strategy=fsdp (the frozen encoders run once, before sharding)")
 

@@ -8,7 +8,7 @@ image is anti-aliased. Vessels are added thickest first until a per-image target
 fraction of the field of view (9.5-12.5%, DRIVE is about 12%) is reached, so the fraction
 stays in a realistic band instead of depending on how a random tree happened to grow.
 
-    python -m sa2va.synth --out DIR --n N [--size 256] [--seed 0]
+    python -m sa2va.synth --out DIR --n N [--size 256 | --size 565x584] [--seed 0] [--width-px realistic]
 
 writes DIR/images/NAME.png (RGB), DIR/masks/NAME.png (0/255), DIR/fov/NAME.png (0/255),
 NAME = synth_00000, synth_00001, ...
@@ -33,6 +33,13 @@ MIN_SIZE = 64
 MAX_SIZE = 2048  # beyond this one float image is >100 MB and generation takes long
 R_MIN = 0.5  # capillary radius: pixel centres within 0.5 px of a line give a 1-px, 8-connected trace
 FRACTION_RANGE = (0.095, 0.125)  # target vessel pixels / FOV pixels, drawn per image
+# Realistic widths (--width-px realistic), in pixels as in a 565x584 DRIVE photo (drawn as a
+# 584 px square, cropped to 565 columns): veins 7-9 px, arteries 5-7 px, capillaries 1-2 px.
+# All scale with the image side; capillaries never go below 1 px.
+WIDTH_MODES = ("scaled", "realistic")
+REALISTIC_SIDE = 584
+REALISTIC_TRUNK_FACTOR = 3.75 / 1.8  # the vein factor r0 ~ 1.8 becomes a radius of ~3.75 px (7-9 px wide)
+REALISTIC_CAPILLARY_R = 0.75  # radius 0.5-0.75: a 1-2 px trace, depending on where the line falls
 _VESSEL_CHANNEL_DARKENING = np.array([0.45, 0.65, 0.55])  # vessels lose most in green, as in fundus photos
 
 
@@ -80,8 +87,10 @@ class _Tree:
     """Grows vessels one at a time and draws each into the mask and darkness map at once."""
 
     def __init__(self, rng: np.random.Generator, size: int, centre: float, fov_r: float,
-                 fovea: tuple[float, float], faz_r: float) -> None:
+                 fovea: tuple[float, float], faz_r: float, r_min: float = R_MIN, cap_r: float = R_MIN) -> None:
         self.rng = rng
+        self.r_min = r_min  # the thinnest vessel
+        self.cap_r = cap_r  # vessels up to this radius are capillaries (no branches, end soon)
         self.size = size
         self.scale = size / 256
         self.centre = centre
@@ -105,7 +114,7 @@ class _Tree:
     def _grow_one(self, x: float, y: float, theta: float, r: float, target: float, kind: float) -> None:
         rng, s = self.rng, self.scale
         max_steps = int(3 * self.fov_r / self.step) + 10
-        born_capillary = r <= R_MIN + 1e-9
+        born_capillary = r <= self.cap_r + 1e-9
         kicks = rng.normal(size=max_steps)
         omega = 0.0
         next_branch = rng.exponential((10 + 10 * r / s) * s)  # thick vessels branch less often per length
@@ -127,17 +136,17 @@ class _Tree:
             x, y = nx, ny
             travelled += self.step
             since_branch += self.step
-            if r <= R_MIN + 1e-9:
+            if r <= self.cap_r + 1e-9:
                 # Capillary branches end soon; a trunk that has thinned out runs on to the rim.
                 if born_capillary and travelled >= cap_len:
                     break
                 continue
             if since_branch >= next_branch:
                 # Bifurcation: the side branch takes a smaller share, the main vessel narrows too.
-                side_r = max(R_MIN, r * rng.uniform(0.4, 0.7))
+                side_r = max(self.r_min, r * rng.uniform(0.4, 0.7))
                 angle = theta + branch_side * math.radians(rng.uniform(35, 80))
                 self.push(x, y, angle, side_r, angle, kind)
-                r = max(R_MIN, r * rng.uniform(0.85, 0.95))
+                r = max(self.r_min, r * rng.uniform(0.85, 0.95))
                 branch_side = -branch_side if rng.random() < 0.75 else branch_side
                 since_branch = 0.0
                 next_branch = rng.exponential((10 + 10 * r / s) * s)
@@ -158,14 +167,29 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
     return field / max(float(field.std()), 1e-12)
 
 
-def make_sample(seed: int, index: int, size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_sample(seed: int, index: int, size: int = 256, widths: str = "scaled",
+                width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic sample: (image uint8 HxWx3, vessel mask bool HxW, field of view bool HxW).
 
     Seeded from (seed, index) alone, so sample k is the same whatever n a data set has.
+    widths: "scaled" (vessel widths grow with the image, capillaries 1 px) or "realistic"
+    (widths in pixels as in fundus photos: see WIDTH_MODES). width: crop the square
+    size x size sample to this many columns, centred (565 of 584 gives DRIVE's 565x584).
     """
     _check_args(1, size)
+    if widths not in WIDTH_MODES:
+        raise UserError(f"--width-px must be one of {', '.join(WIDTH_MODES)}, got {widths!r}")
+    if width is not None and not MIN_SIZE <= width <= size:
+        raise UserError(f"the image width must be between {MIN_SIZE} and the height {size} px, got {width}")
     rng = np.random.default_rng([int(seed), int(index)])
     s = size / 256
+    # Radius of a vessel drawn with radius factor r0: r0 * s (scaled) or r0 * radius_scale (realistic).
+    radius_scale = s
+    r_min = cap_r = R_MIN
+    if widths == "realistic":
+        px = size / REALISTIC_SIDE
+        radius_scale = REALISTIC_TRUNK_FACTOR * px
+        r_min, cap_r = R_MIN * max(1.0, px), REALISTIC_CAPILLARY_R * max(1.0, px)
     centre = (size - 1) / 2
     fov_r = 0.46 * size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -179,7 +203,7 @@ def make_sample(seed: int, index: int, size: int = 256) -> tuple[np.ndarray, np.
     fovea = (centre - side * rng.uniform(0.05, 0.15) * fov_r, centre + rng.uniform(-0.05, 0.05) * fov_r)
     fovea_r = rng.uniform(0.10, 0.14) * fov_r
 
-    tree = _Tree(rng, size, centre, fov_r, fovea, faz_r=0.07 * fov_r)
+    tree = _Tree(rng, size, centre, fov_r, fovea, faz_r=0.07 * fov_r, r_min=r_min, cap_r=cap_r)
     temporal = math.pi if side > 0 else 0.0  # direction from the disc towards the fovea
     tsign = math.cos(temporal)
     for up in (-1.0, 1.0):
@@ -194,10 +218,10 @@ def make_sample(seed: int, index: int, size: int = 256) -> tuple[np.ndarray, np.
                 theta = direction + math.radians(rng.uniform(-12, 12))
                 tx, ty = disc[0] + 0.2 * disc_r * math.cos(theta), disc[1] + 0.2 * disc_r * math.sin(theta)
                 # Trunks are never born as capillaries, even on tiny images.
-                tree.push(tx, ty, theta, max(1.0, r0 * s), temporal if is_arcade else theta, kind)
+                tree.push(tx, ty, theta, max(1.0, r0 * radius_scale), temporal if is_arcade else theta, kind)
     for _ in range(2):  # small macular branches heading straight for the fovea
         theta = temporal + math.radians(rng.uniform(-25, 25))
-        tree.push(disc[0], disc[1], theta, max(R_MIN, rng.uniform(0.9, 1.4) * s), theta, 0.8)
+        tree.push(disc[0], disc[1], theta, max(r_min, rng.uniform(0.9, 1.4) * radius_scale), theta, 0.8)
 
     fov_pixels = int(fov.sum())
     tree.grow(budget=int(rng.uniform(*FRACTION_RANGE) * fov_pixels))
@@ -231,12 +255,21 @@ def make_sample(seed: int, index: int, size: int = 256) -> tuple[np.ndarray, np.
     edge = np.clip(fov_r - dist_c + 0.5, 0.0, 1.0)  # anti-aliased FOV rim, black outside
     img *= edge[..., None]
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    if width is not None and width < size:
+        left = (size - width) // 2
+        image, mask, fov = (np.ascontiguousarray(a[:, left:left + width]) for a in (image, mask, fov))
     return image, mask, fov
 
 
-def write_dataset(out: str | os.PathLike, n: int, size: int = 256, seed: int = 0) -> Path:
-    """Write n samples to out/{images,masks,fov}/synth_NNNNN.png atomically; return out."""
+def write_dataset(out: str | os.PathLike, n: int, size: int = 256, seed: int = 0, widths: str = "scaled",
+                  width: int | None = None) -> Path:
+    """Write n samples to out/{images,masks,fov}/synth_NNNNN.png atomically; return out.
+    `widths` and `width` as in make_sample."""
     _check_args(n, size)
+    if widths not in WIDTH_MODES:
+        raise UserError(f"--width-px must be one of {', '.join(WIDTH_MODES)}, got {widths!r}")
+    if width is not None and not MIN_SIZE <= width <= size:
+        raise UserError(f"the image width must be between {MIN_SIZE} and the height {size} px, got {width}")
     out = Path(out)
     if not out.parent.is_dir():
         what = "is not a folder" if out.parent.exists() else "does not exist"
@@ -256,7 +289,7 @@ def write_dataset(out: str | os.PathLike, n: int, size: int = 256, seed: int = 0
                 progress.start()
                 task = progress.add_task("synthesising", total=n)
             for i in range(n):
-                image, mask, fov = make_sample(seed, i, size)
+                image, mask, fov = make_sample(seed, i, size, widths, width)
                 name = sample_name(i) + ".png"
                 write_png(tmp / "images" / name, image)
                 write_mask(tmp / "masks" / name, mask)
@@ -287,14 +320,33 @@ def write_dilated_pairs(out: str | os.PathLike, n: int, size: int = 128, seed: i
     return root
 
 
+def parse_size(text: str) -> tuple[int, int | None]:
+    """--size: "N" (square) or "WxH" (drawn as an H square, cropped to W columns) -> (H, W or None)."""
+    try:
+        if "x" in text.lower():
+            w, h = (int(v) for v in text.lower().split("x"))
+            if w > h:
+                raise UserError(f"--size {text}: the width must not exceed the height (the sample is cropped "
+                                "from a square of the height)")
+            return h, (w if w < h else None)
+        return int(text), None
+    except ValueError:
+        raise UserError(f"--size must be N or WxH in pixels, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sa2va.synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
     parser.add_argument("--n", type=int, required=True, help="number of samples")
-    parser.add_argument("--size", type=int, default=256, help=f"image side in pixels ({MIN_SIZE}-{MAX_SIZE})")
+    parser.add_argument("--size", default="256",
+                        help=f"image side in pixels ({MIN_SIZE}-{MAX_SIZE}), or WxH with W <= H (565x584 = DRIVE)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width-px", choices=WIDTH_MODES, default="scaled",
+                        help="vessel widths: scaled with the image (default) or realistic (pixels as in fundus "
+                             "photos: capillaries 1-2 px, trunks 7-9 px at 565 px)")
     args = parser.parse_args(argv)
-    out = write_dataset(args.out, args.n, args.size, args.seed)
+    size, width = parse_size(args.size)
+    out = write_dataset(args.out, args.n, size, args.seed, args.width_px, width)
     print(f"wrote {args.n} samples to {out}")
     return 0
 
