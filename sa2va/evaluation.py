@@ -71,6 +71,8 @@ class EvalOptions:
     predict: bool = False  # --predict: segment without scoring, even where masks exist
     save_probs: bool = False
     binarize: float | None = None
+    tile_size: int | str | None = None  # None = untiled; pixels or "auto" (docs/resolution.md)
+    tile_overlap: int = 32
 
     @property
     def headline(self) -> str:
@@ -114,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=None,
                    help="bootstrap resamples (default 2000 for a summary, 5000 for --compare)")
     p.add_argument("--all-images", action="store_true", help="ignore DIR/holdout.json and score every image")
+    p.add_argument("--tile-size", metavar="PX",
+                   help="native resolution: cut images into overlapping tiles of PX pixels (or auto = the "
+                        "model's logit grid; off = whole image); default: tiling.size of the model's config")
+    p.add_argument("--tile-overlap", type=int, metavar="PX",
+                   help="pixels shared by neighbouring tiles (default: tiling.overlap of the config, 32)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="no model run: the resolution ceiling of --data (perfect-model Dice/clDice at the logit "
+                        "resolution, untiled and with --tile-size); --model, if given, only sets the resolution")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two results.json image by image")
     p.add_argument("--json", help="--compare: also write the comparison to this JSON file")
     p.add_argument("--metrics", help=f"--compare: comma-separated metrics (default all: {','.join(METRICS)})")
@@ -127,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, flag):
                 raise UserError(f"--compare takes two results.json files; --{flag} does not apply")
         return run_compare(args)
+    if args.ceiling:
+        from .ceiling import run_ceiling
+
+        return run_ceiling(args)
     if args.json or args.metrics:
         raise UserError("--json and --metrics belong to --compare")
     return run_evaluate(args)
@@ -349,8 +363,9 @@ class ShardResult:
 def predict_shard(sa2va: Any, entries: list[ImageEntry], opts: EvalOptions, keep_masks: set[str],
                   advance: Callable[[int], None]) -> ShardResult:
     """Predict and score this rank's images; masks of the names in keep_masks are kept (packed)."""
-    from .model import predict_probabilities
+    from . import tiling
 
+    tiles = tiling.resolve(opts.tile_size, opts.tile_overlap, sa2va.low_res, "--tile-size", "--tile-overlap", "")
     result = ShardResult(seconds={p: 0.0 for p in opts.paths}, masks={p: {} for p in opts.paths})
     for start in range(0, len(entries), opts.batch_size):
         chunk = entries[start:start + opts.batch_size]
@@ -359,8 +374,8 @@ def predict_shard(sa2va: Any, entries: list[ImageEntry], opts: EvalOptions, keep
         preds: dict[str, list[np.ndarray]] = {}
         if "forward" in opts.paths:
             t0 = time.perf_counter()
-            probs = predict_probabilities(sa2va, images, batch_size=len(images), question=opts.question,
-                                          answer=opts.answer)
+            probs = tiling.predict_probabilities(sa2va, images, tiles, batch_size=opts.batch_size,
+                                                 question=opts.question, answer=opts.answer)
             result.seconds["forward"] += time.perf_counter() - t0
             preds["forward"] = [p > opts.threshold for p in probs]
             if opts.save_probs:
@@ -370,7 +385,8 @@ def predict_shard(sa2va: Any, entries: list[ImageEntry], opts: EvalOptions, keep
             preds["generate"] = []
             for entry, image in zip(chunk, images):
                 t0 = time.perf_counter()
-                mask, text, n_seg = generate_mask(sa2va, image, opts.question)
+                mask, text, n_seg = tiling.generate_tiled(lambda im: generate_mask(sa2va, im, opts.question),
+                                                          image, tiles)
                 result.seconds["generate"] += time.perf_counter() - t0
                 preds["generate"].append(mask)
                 result.generation[entry.name] = {"has_seg": n_seg > 0, "n_seg": n_seg, "text": text}
@@ -549,6 +565,7 @@ def build_results(opts: EvalOptions, names: list[str], selection: str, rows: dic
         "world_size": world,
         "device": device,
         "dtype": dtype,
+        "tiling": None if opts.tile_size is None else {"size": opts.tile_size, "overlap": opts.tile_overlap},
         "metrics": head["metrics"],
         "per_image": head["per_image"],
         "speed": speed,
@@ -657,14 +674,25 @@ def _options(args: argparse.Namespace, model: Path, trust_cfg: bool) -> EvalOpti
     if "[SEG]" not in answer:
         raise UserError(f"--answer must contain [SEG], got {answer!r}")
     paths = {"forward": ("forward",), "generate": ("generate",), "both": ("forward", "generate")}[args.path]
+    tile_size, tile_overlap = tile_options(args, cfg.tiling)
     return EvalOptions(
         model=model, data=Path(args.data), out=Path(args.out) if args.out else default_out(model),
         paths=paths, mode=args.path, save_masks=args.save_masks, overlays=args.overlays,
         batch_size=args.batch_size, trust_remote_code=args.trust_remote_code or trust_cfg,
         threshold=args.threshold, question=question, answer=answer, device=args.device, seed=args.seed,
         n_boot=n_boot, all_images=args.all_images, predict=args.predict, save_probs=args.save_probs,
-        binarize=args.binarize,
+        binarize=args.binarize, tile_size=tile_size, tile_overlap=tile_overlap,
     )
+
+
+def tile_options(args: argparse.Namespace, tiling_cfg: Any) -> tuple[int | str | None, int]:
+    """--tile-size / --tile-overlap, else the config's tiling; refused by flag name."""
+    from .tiling import check_tiling, parse_size
+
+    size = parse_size(args.tile_size) if args.tile_size is not None else tiling_cfg.size
+    overlap = args.tile_overlap if args.tile_overlap is not None else tiling_cfg.overlap
+    check_tiling(size, overlap, "--tile-size", "--tile-overlap", prefix="")
+    return size, overlap
 
 
 def _gather_error(error: str | None) -> str | None:
@@ -760,6 +788,10 @@ def _run(opts: EvalOptions, entries: list[ImageEntry], selection: str, info: Any
     if error:
         raise UserError(error)
     say(f"loaded in {time.perf_counter() - t0:.1f} s ({sa2va.device}, {str(sa2va.dtype).replace('torch.', '')})")
+    if opts.tile_size is not None:
+        if opts.tile_size == "auto":
+            opts.tile_size = sa2va.low_res  # the model's logit-grid side: one logit per pixel
+        say(f"tiles of {opts.tile_size} px, overlap {opts.tile_overlap} px (logit grid {sa2va.low_res}x{sa2va.low_res})")
 
     names_all = [e.name for e in entries]
     keep = set(names_all) if opts.save_masks or opts.predict else set(names_all[: opts.overlays])

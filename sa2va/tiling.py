@@ -273,3 +273,17 @@ def sam_size_of(folder: Any) -> tuple[int, str]:
     if isinstance(side, int) and side > 0:
         return side, f"{config_file} (sam2_config.image_size)"
     return RELEASE_SAM_SIZE, f"{config_file} has no sam2_config.image_size: the release's SAM2 input"
+
+
+def generate_tiled(generate: Callable[[np.ndarray], tuple[np.ndarray, str, int]], image: np.ndarray,
+                   tiling: Tiling | None) -> tuple[np.ndarray, str, int]:
+    """The generate path over tiles: `generate` (predict_forward on one image -> mask, text,
+    number of [SEG]) on every tile, masks blended by window-weighted vote. Returns the mask,
+    the text of the first tile that wrote no [SEG] (else of the first tile), and the number of
+    [SEG] of the tile that wrote the fewest (0 = some tile segmented nothing)."""
+    lay = layout(image.shape[0], image.shape[1], tiling)
+    outs = [generate(c) for c in crops(image, lay)]
+    if len(outs) == 1:
+        return outs[0]
+    texts = [t for _, t, n in outs if n == 0] or [outs[0][1]]
+    return blend_masks([m for m, _, _ in outs], lay), texts[0], min(n for _, _, n in outs)
