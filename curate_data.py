@@ -35,6 +35,7 @@ from sa2va.curation import (
     write_outputs,
 )
 from sa2va.errors import UserError, run_cli
+from sa2va.tiling import check_tiling, parse_size
 
 
 def _list(kind: type, name: str):
@@ -63,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="allow loading the model's own Python code (default: model.trust_remote_code of configs/v8.yaml)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (model source)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model forward (model source)")
+    p.add_argument("--tile-size", help="model source at native resolution: overlapping tiles of PX pixels, auto "
+                   "(the model's logit grid) or off (default: tiling.size of configs/v8.yaml)")
+    p.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles "
+                   "(default: tiling.overlap of configs/v8.yaml)")
     p.add_argument("--thresholds", type=_list(float, "--thresholds"), default=(0.5,),
                    help="probability thresholds of the model source, e.g. 0.3,0.5,0.7 (default 0.5)")
     p.add_argument("--perturbations", type=_list(str, "--perturbations"), default=DEFAULT_PERTURBATIONS,
@@ -131,6 +136,10 @@ class LazyPredictor:
         self.model = None
         cfg = load_config(DEFAULT_CONFIG)
         self.question, self.answer = cfg.model.question, cfg.model.answer
+        size = parse_size(args.tile_size) if args.tile_size is not None else cfg.tiling.size
+        overlap = args.tile_overlap if args.tile_overlap is not None else cfg.tiling.overlap
+        check_tiling(size, overlap, "--tile-size", "--tile-overlap", prefix="")
+        self.tile_size, self.tile_overlap = size, overlap
         # The config's yes covers the config's own model only, not any folder given as --model.
         same_model = Path(args.model).resolve() == Path(cfg.model.path).resolve()
         if args.trust_remote_code:
@@ -142,7 +151,8 @@ class LazyPredictor:
             self.trust, self.trust_from = False, "no --trust-remote-code given"
 
     def __call__(self, images: list) -> list:
-        from sa2va.model import load_sa2va, predict_probabilities
+        from sa2va.model import load_sa2va
+        from sa2va.tiling import predict_probabilities, resolve
 
         if self.model is None:
             print(f"loading {self.args.model} (trust_remote_code={self.trust}, from {self.trust_from})")
@@ -153,7 +163,8 @@ class LazyPredictor:
             except Exception as err:  # noqa: BLE001 - torn weights, broken remote code: one line, not a trace
                 first = (str(err).strip().splitlines() or [""])[0]
                 raise UserError(f"cannot load the model in {self.args.model}: {type(err).__name__}: {first}") from err
-        return predict_probabilities(self.model, images, batch_size=self.args.batch_size,
+        tiles = resolve(self.tile_size, self.tile_overlap, self.model.low_res, "--tile-size", "--tile-overlap", "")
+        return predict_probabilities(self.model, images, tiles, batch_size=self.args.batch_size,
                                      question=self.question, answer=self.answer)
 
 

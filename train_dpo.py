@@ -33,6 +33,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from sa2va import checkpoint as ckpt
 from sa2va import distributed as dist
+from sa2va import tiling
 from sa2va.config import DEFAULT_CONFIG, Config, load_config, to_yaml
 from sa2va.data import PairDataset, list_image_folder, load_image_entry, masks_to_tensor, read_pairs
 from sa2va.errors import UserError, run_cli
@@ -176,22 +177,27 @@ def pair_losses(cfg: Config, sa2va: Sa2VA, logits: torch.Tensor, chosen: list[to
 
 @torch.no_grad()
 def held_out_dice(policy: SegPolicy, sa2va: Sa2VA, feats: list[FrozenFeatures], masks: list[np.ndarray],
-                  fovs: list[np.ndarray | None], batch: int) -> float:
-    """Mean hard Dice (threshold 0.5, FOV-restricted) on the held-out images."""
+                  fovs: list[np.ndarray | None], layouts: list[tiling.Layout], batch: int) -> float:
+    """Mean hard Dice (threshold 0.5, FOV-restricted) on the held-out images.
+
+    feats holds one entry per tile of every image in order (one per image when untiled); each
+    image's tile logits are blended back at its own size (tiling.assemble)."""
     policy.eval()  # no LoRA dropout: a deterministic number, and no RNG drawn
-    scores = []
+    lows = []
     for start in range(0, len(feats), batch):
         chunk = FrozenFeatures.cat(feats[start : start + batch]).to(sa2va.device)
         with autocast(sa2va):
-            low = policy(chunk)
-        for i, size in enumerate(chunk.sizes):
-            pred = (upsample_logits(low[i : i + 1], sa2va.sam_size, size)[0, 0] > 0).cpu().numpy()
-            gt, fov = masks[start + i], fovs[start + i]
-            if fov is not None:
-                pred, gt = pred[fov], gt[fov]
-            tp = np.logical_and(pred, gt).sum()
-            denom = pred.sum() + gt.sum()
-            scores.append(1.0 if denom == 0 else 2 * tp / denom)
+            lows.append(policy(chunk).float())
+    low = torch.cat(lows)
+    scores, at = [], 0
+    for gt, fov, lay in zip(masks, fovs, layouts):
+        pred = (tiling.assemble(low[at : at + len(lay.boxes)], sa2va.sam_size, lay) > 0).cpu().numpy()
+        at += len(lay.boxes)
+        if fov is not None:
+            pred, gt = pred[fov], gt[fov]
+        tp = np.logical_and(pred, gt).sum()
+        denom = pred.sum() + gt.sum()
+        scores.append(1.0 if denom == 0 else 2 * tp / denom)
     return float(np.mean(scores))
 
 
@@ -229,12 +235,19 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     policy = SegPolicy(sa2va, cfg.model.question, cfg.model.answer)
 
     samples = [dataset[i] for i in range(len(dataset))]
+    image_paths = [str(e.image) for e in entries]
+    tiles = tiling.from_config(cfg.tiling, sa2va)
+    if tiles is not None:
+        # Native resolution: each pair becomes one pair per tile, image and masks cut alike.
+        samples, image_paths = tiling.tile_pairs(samples, image_paths, tiles)
+        dataset = samples
+        log0(info, f"tiles of {tiles.size} px, overlap {tiles.overlap} px: {len(entries)} pairs -> "
+                   f"{len(samples)} tile pairs")
     low = (sa2va.low_res, sa2va.low_res)
     size = None if cfg.loss.resolution == "full" else low
     chosen = [masks_to_tensor([s["chosen"]], size)[0] for s in samples]
     rejected = [masks_to_tensor([s["rejected"]], size)[0] for s in samples]
     # Several pairs often share an image (rejected masks at several thresholds): encode it once.
-    image_paths = [str(e.image) for e in entries]
     unique_paths = list(dict.fromkeys(image_paths))
     position = {p: i for i, p in enumerate(unique_paths)}
     image_of_pair = [position[p] for p in image_paths]
@@ -280,8 +293,10 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
 
     val = None
     if val_images is not None:
-        feats = encode_all(sa2va, [x[0] for x in val_images], 4, info, "held-out images", cfg.train.cache_on_device)
-        val = (feats, [x[1] for x in val_images], [x[2] for x in val_images])
+        layouts = [tiling.layout(x[0].shape[0], x[0].shape[1], tiles) for x in val_images]
+        pieces = [c for x, lay in zip(val_images, layouts) for c in tiling.crops(x[0], lay)]
+        feats = encode_all(sa2va, pieces, 4, info, "held-out images", cfg.train.cache_on_device)
+        val = (feats, [x[1] for x in val_images], [x[2] for x in val_images], layouts)
     if cfg.train.cache_frozen and info.device.type == "cuda":
         # Every image is encoded: the frozen encoders (6B ViT + SAM2 at 26B) can leave the GPU.
         sa2va.vision.to("cpu")
