@@ -1,6 +1,7 @@
 """Native resolution measured (docs/resolution.md, docs/resolution.json).
 
-    python experiments/resolution.py --work runs/resolution --device cuda      # one H200: ~3 min
+    python experiments/resolution.py --work runs/resolution --device cuda --n-train 64 --steps 250 \
+        --workers 8 --threads 2 --eval-batch 128 --docs                       # one H200: 130 s
     python experiments/resolution.py --work runs/res_small --device cpu --n-train 8 --n-test 4 \
         --steps 4 --seeds 0                                                    # a smoke run on CPU
 
