@@ -59,7 +59,9 @@ def run_ceiling(args: argparse.Namespace) -> int:
     if size is None:
         raise UserError("--ceiling compares untiled with tiled: give --tile-size PX or auto, not off")
     tiles = resolve(size, overlap, low_res, "--tile-size", "--tile-overlap", prefix="")
-    entries, selection, sentence = select_images(data, args.all_images)
+    entries, selection, sentence, unscored = select_images(data, args.all_images)
+    if unscored is not None or any(e.mask is None for e in entries):
+        raise UserError(f"--ceiling needs a mask for every image of {data} (masks/NAME.png)")
     out = Path(args.out) if args.out else Path("eval") / f"ceiling_{data.resolve().name}"
     check_writable_dir(out)
     console = _console()
