@@ -139,3 +139,21 @@ def test_tiled_training_runs_end_to_end(tiny_model, tmp_path):
     assert records[0]["step"] == 0 and 0.0 <= records[0]["val_dice"] <= 1.0
     assert records[-1]["step"] == 2 and np.isfinite(records[-1]["loss"])
     assert (out / "final" / "config.json").is_file()
+
+
+def test_curation_predicts_through_tiles(tiny_model, tmp_path, capsys, monkeypatch):
+    import curate_data
+
+    seen = []  # a spy on the real function: which tilings the model source asked for
+    original = tiling.tiled_logits
+    monkeypatch.setattr(tiling, "tiled_logits", lambda sa2va, images, t, *a: seen.append(t) or original(
+        sa2va, images, t, *a))
+
+    data = write_dataset(tmp_path / "data", n=1, size=96, seed=4)
+    common = ["--data", str(data), "--rejected", "model", "--model", str(tiny_model), "--trust-remote-code",
+              "--min-gap", "0.01", "--device", "cpu", "--dry-run"]
+    with pytest.raises(UserError, match="--tile-size must be at least 32"):
+        curate_data.main(common + ["--tile-size", "8"])  # refused before the model loads
+    assert curate_data.main(common + ["--tile-size", "64", "--tile-overlap", "16"]) == 0
+    assert "1 found" in capsys.readouterr().out
+    assert seen == [tiling.Tiling(64, 16)]
