@@ -31,6 +31,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.utils.data.distributed import DistributedSampler
 
+from sa2va import batching
 from sa2va import checkpoint as ckpt
 from sa2va import distributed as dist
 from sa2va import tiling
@@ -166,8 +167,8 @@ def pair_losses(cfg: Config, sa2va: Sa2VA, logits: torch.Tensor, chosen: list[to
         if refs is not None:
             zref = at_loss_resolution(torch.stack([refs[j] for j in js]).to(sa2va.device), sa2va, size,
                                       cfg.loss.resolution)
-        w = torch.stack([chosen[j] for j in js]).to(sa2va.device)
-        l = torch.stack([rejected[j] for j in js]).to(sa2va.device)
+        w = torch.stack([chosen[j] for j in js]).to(sa2va.device, torch.float32)  # masks may be uint8 on the GPU
+        l = torch.stack([rejected[j] for j in js]).to(sa2va.device, torch.float32)
         group_losses, parts = combined_loss(cfg.loss, z, w, l, zref)
         losses = losses.index_put((torch.tensor(js, device=sa2va.device),), group_losses)
         for key, value in parts.items():
@@ -227,6 +228,11 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     entries = read_pairs(cfg.data.root, cfg.data.annotations, cfg.data.max_samples)
     dataset = PairDataset(entries)
     val_images = read_validation(cfg) if cfg.data.val_root else None
+    # The micro-batch (train.micro_batch_size: auto) and compile, chosen before any weight is read.
+    plan = batching.plan_run(cfg, info.device, info.world_size, [e.image for e in entries], len(entries))
+    cfg.train.micro_batch_size, cfg.train.grad_accum = plan.micro_batch, plan.grad_accum
+    if info.is_main:
+        batching.print_plan(plan.rows)
     sa2va = load_sa2va(cfg.model.path, cfg.model.trust_remote_code, device=str(info.device), dtype=cfg.model.dtype,
                        random_weights=cfg.model.random_weights)
     add_lora_and_freeze(sa2va, cfg.lora, cfg.train_modules)
@@ -247,6 +253,10 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     size = None if cfg.loss.resolution == "full" else low
     chosen = [masks_to_tensor([s["chosen"]], size)[0] for s in samples]
     rejected = [masks_to_tensor([s["rejected"]], size)[0] for s in samples]
+    on_gpu = info.device.type == "cuda" and cfg.train.cache_on_device
+    if on_gpu:  # 0/1 masks as uint8 on the GPU: no host-to-device copy per micro-batch
+        chosen = [m.to(info.device, torch.uint8) for m in chosen]
+        rejected = [m.to(info.device, torch.uint8) for m in rejected]
     # Several pairs often share an image (rejected masks at several thresholds): encode it once.
     unique_paths = list(dict.fromkeys(image_paths))
     position = {p: i for i, p in enumerate(unique_paths)}
@@ -290,6 +300,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             if info.is_main:
                 with atomic_path(ref_file) as tmp:
                     torch.save(torch.stack(ref_logits), tmp)
+        if on_gpu:
+            ref_logits = [z.to(info.device) for z in ref_logits]
 
     val = None
     if val_images is not None:
@@ -311,9 +323,16 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     # 4. Wrap what trains.
     if cfg.train.activation_checkpointing:
         sa2va.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.compile:
-        for layer in policy.decoder_layers():  # per layer: one graph reused 24-48 times, quick to compile
-            layer.compile()
+    if plan.compile:  # per layer: one graph reused 24-48 times, quick to compile
+        started = time.perf_counter()
+        probe_pairs = list(range(min(batch, len(samples))))
+        failed = batching.compile_layers(policy.decoder_layers(),
+                                         lambda: batching.probe_backward(policy, batch_features(probe_pairs), sa2va))
+        if failed:
+            log0(info, f"[yellow]compile: failed ({failed}); training eager (train.compile=false skips the attempt)")
+        else:
+            log0(info, f"compile: {len(policy.decoder_layers())} LLM layers compiled in "
+                       f"{time.perf_counter() - started:.0f} s")
     wrapped = dist.wrap_policy(policy, cfg.dist.strategy, info, policy.decoder_layers())
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     fused = cfg.optim.fused and info.device.type == "cuda"
@@ -396,7 +415,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             micro = [order[(first + m) * batch : (first + m + 1) * batch] for m in range(cfg.train.grad_accum)]
             started = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
-            loss_value = 0.0
+            loss_sum = torch.zeros((), device=info.device)  # read once per step: no host sync per micro-batch
             for m, indices in enumerate(micro):
                 last_micro = m == len(micro) - 1
                 with dist.no_grad_sync(wrapped, enabled=info.enabled and not last_micro):
@@ -409,16 +428,16 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
                         sums[key] = sums.get(key, 0.0) + value
                     loss = losses.mean() / cfg.train.grad_accum
                     loss.backward()
-                    loss_value += float(loss.detach())
+                    loss_sum += loss.detach()
 
             # A non-finite loss or gradient on any rank skips the step on every rank.
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            flag = torch.tensor([0.0 if math.isfinite(loss_value) and torch.isfinite(grad_norm) else 1.0],
-                                device=info.device)
+            flag = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm.to(info.device))).float().reshape(1)
             finite = float(dist.all_reduce_sum(flag)) == 0.0
+            loss_value = float(loss_sum)
             if finite:
                 optimizer.step()
                 bad_in_a_row = 0
@@ -437,7 +456,9 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             step += 1
 
             n_samples = batch * cfg.train.grad_accum
-            record = {k: float(v) / n_samples for k, v in sums.items()}  # one host sync per metric per step
+            keys = sorted(sums)
+            values = torch.stack([torch.as_tensor(sums[k], device=info.device) for k in keys]).tolist() if keys else []
+            record = {k: v / n_samples for k, v in zip(keys, values)}  # one host sync for every metric
             record["loss"] = loss_value
             record["grad_norm"] = float(grad_norm) if finite else float("nan")
             record = dist.all_reduce_mean(record, info.device)

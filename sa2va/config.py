@@ -98,8 +98,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 1
-    grad_accum: int = 4
+    # Pairs per rank per optimizer step (the seed's v8: 4). Split into micro_batch_size x grad_accum:
+    # "auto" picks the largest micro-batch that fits (sa2va/batching.py); giving both keeps that split.
+    pairs_per_step: int = 4
+    micro_batch_size: int | str = "auto"
+    grad_accum: int | None = None  # null = pairs_per_step / micro_batch_size
+    memory_budget_gb: float | None = None  # for auto: null = the device's free memory (CPU: available RAM)
     epochs: int = 1
     seed: int = 42
     log_every: int = 1
@@ -110,7 +114,7 @@ class TrainConfig:
     cache_frozen: bool = True  # ViT and SAM2 image-encoder features computed once per image
     cache_on_device: bool = True  # keep them on the GPU (~10 MB per image at real sizes) or in CPU memory
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | str = "auto"  # per-layer torch.compile of the LLM: auto = on CUDA, not on CPU
 
 
 @dataclass
@@ -185,7 +189,34 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         _set_dotted(raw, key.strip(), parsed)
     cfg = _build(Config, raw, prefix="", source=source)
     validate(cfg)
+    split_pairs(cfg, given=set((raw.get("train") or {}).keys()) if isinstance(raw.get("train"), dict) else set())
     return cfg
+
+
+def split_pairs(cfg: Config, given: set[str] | None = None) -> None:
+    """Make train.micro_batch_size x train.grad_accum = train.pairs_per_step where the config fixes
+    the split; leave micro_batch_size "auto" (grad_accum null) for the loop to choose.
+
+    Both micro_batch_size and grad_accum given: they win (the seed's 1 x 4 runs as written) and
+    pairs_per_step becomes their product; a pairs_per_step given beside them must agree."""
+    t = cfg.train
+    given = given or set()
+    if t.micro_batch_size != "auto" and t.grad_accum is not None:
+        product = t.micro_batch_size * t.grad_accum
+        if "pairs_per_step" in given and t.pairs_per_step != product:
+            raise UserError(f"config key train.pairs_per_step is {t.pairs_per_step}, but train.micro_batch_size "
+                            f"{t.micro_batch_size} x train.grad_accum {t.grad_accum} = {product}; give two of the three")
+        t.pairs_per_step = product
+    elif t.micro_batch_size != "auto":
+        if t.pairs_per_step % t.micro_batch_size:
+            raise UserError(f"config key train.micro_batch_size {t.micro_batch_size} must divide "
+                            f"train.pairs_per_step {t.pairs_per_step} (or give train.grad_accum too)")
+        t.grad_accum = t.pairs_per_step // t.micro_batch_size
+    elif t.grad_accum is not None:  # accumulation fixed: the micro-batch follows
+        if t.pairs_per_step % t.grad_accum:
+            raise UserError(f"config key train.grad_accum {t.grad_accum} must divide train.pairs_per_step "
+                            f"{t.pairs_per_step}")
+        t.micro_batch_size = t.pairs_per_step // t.grad_accum
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -293,8 +324,14 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
-    need(cfg.train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
-    need(cfg.train.grad_accum > 0, "train.grad_accum", "must be > 0")
+    need(cfg.train.pairs_per_step > 0, "train.pairs_per_step", "must be > 0")
+    need(cfg.train.micro_batch_size == "auto" or (isinstance(cfg.train.micro_batch_size, int)
+                                                   and cfg.train.micro_batch_size > 0),
+         "train.micro_batch_size", f"must be a number > 0 or auto, got {cfg.train.micro_batch_size!r}")
+    need(cfg.train.grad_accum is None or cfg.train.grad_accum > 0, "train.grad_accum", "must be > 0 or null")
+    need(cfg.train.memory_budget_gb is None or cfg.train.memory_budget_gb > 0, "train.memory_budget_gb",
+         "must be > 0 (GB) or null")
+    need(cfg.train.compile in (True, False, "auto"), "train.compile", "must be true, false or auto")
     need(cfg.train.epochs > 0, "train.epochs", "must be > 0")
     need(cfg.train.log_every > 0, "train.log_every", "must be > 0")
     need(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")

@@ -23,7 +23,7 @@ def test_seed_table_values():
     for name, lr in lrs.items():
         cfg = load_config(name)
         assert cfg.optim.lr == pytest.approx(lr)
-        assert cfg.loss.beta == 0.2 and cfg.lora.r == 16 and cfg.train.grad_accum == 4
+        assert cfg.loss.beta == 0.2 and cfg.lora.r == 16 and cfg.train.pairs_per_step == 4
         assert cfg.data.max_samples == 500 and cfg.loss.dice_dpo == 1.0
     assert load_config("v8").loss.dice == 1.0
 
