@@ -1,0 +1,99 @@
+"""The run plan: pairs per step split into micro-batches (auto from the memory model), compile
+by default with a fallback, and a budget that cannot hold the model refused before it loads."""
+
+import json
+
+import pytest
+import torch
+
+import train_dpo
+from sa2va import batching
+from sa2va.config import load_config
+from sa2va.errors import UserError
+from sa2va.tiny import preset_config_dict
+
+
+def test_pairs_per_step_split_rules():
+    v8 = load_config("v8")
+    assert (v8.train.pairs_per_step, v8.train.micro_batch_size, v8.train.grad_accum) == (4, "auto", None)
+    assert v8.train.compile == "auto"
+    seed = load_config("v8", ["train.micro_batch_size=1", "train.grad_accum=4", "train.compile=false"])
+    assert (seed.train.micro_batch_size, seed.train.grad_accum, seed.train.pairs_per_step) == (1, 4, 4)
+    assert seed.train.compile is False
+    half = load_config("v8", ["train.micro_batch_size=2"])
+    assert (half.train.micro_batch_size, half.train.grad_accum) == (2, 2)
+    fixed_accum = load_config("v8", ["train.grad_accum=4"])
+    assert (fixed_accum.train.micro_batch_size, fixed_accum.train.grad_accum) == (1, 4)
+    explicit = load_config("tiny")  # micro_batch_size 2 x grad_accum 1 as written
+    assert (explicit.train.micro_batch_size, explicit.train.grad_accum, explicit.train.pairs_per_step) == (2, 1, 2)
+    for override, key in [(["train.micro_batch_size=3"], "train.micro_batch_size"),
+                          (["train.micro_batch_size=two"], "train.micro_batch_size"),
+                          (["train.micro_batch_size=0"], "train.micro_batch_size"),
+                          (["train.grad_accum=3"], "train.grad_accum"),
+                          (["train.pairs_per_step=8", "train.micro_batch_size=1", "train.grad_accum=4"],
+                           "train.pairs_per_step"),
+                          (["train.compile=sometimes"], "train.compile"),
+                          (["train.memory_budget_gb=0"], "train.memory_budget_gb")]:
+        with pytest.raises(UserError, match=key.replace(".", r"\.")):
+            load_config("v8", override)
+
+
+def _weightless(tmp_path, preset):
+    folder = tmp_path / preset
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(preset_config_dict(preset)))
+    return folder
+
+
+def test_memory_model_covers_the_measured_h200_peaks(tmp_path):
+    # docs/performance.md, eager, 284-token samples: 1.63 (4B) and 4.45 (26B) GiB per pair of a micro-batch.
+    cfg = load_config("v8")
+    for preset, measured in (("4b", 1.63), ("26b", 4.45)):
+        shape = batching.read_shape(_weightless(tmp_path, preset))
+        model = batching.memory_model(shape, cfg.train, 16, "full", "cuda", 2, 1, False, [(512, 512)], 2)
+        assert measured <= model.per_pair / batching.GIB <= 1.25 * measured, preset
+        assert model.peak(8) > model.peak(4) > model.peak(1)
+    sharded = batching.memory_model(shape, cfg.train, 16, "full", "cuda", 2, 4, True, [(512, 512)], 2)
+    assert sharded.train_weights < model.train_weights  # FSDP: a quarter of the LLM per rank
+
+
+def test_auto_picks_the_largest_divisor_that_fits(tiny_model, tiny_pairs, tmp_path):
+    cfg = load_config("tiny", [f"model.path={tiny_model}", f"data.root={tiny_pairs}", "train.micro_batch_size=auto",
+                               "train.grad_accum=null", "train.pairs_per_step=4"])
+    images = sorted((tiny_pairs / "images").glob("*.png"))
+    cpu = torch.device("cpu")
+    plan = batching.plan_run(cfg, cpu, 1, images, len(images))
+    assert (plan.micro_batch, plan.grad_accum, plan.compile) == (4, 1, False)
+    assert "auto on cpu" in plan.rows[0][2] and "eager on cpu" in plan.rows[1][2]
+    # At the 4B shape on a GPU (config.json only; the budget given, so no GPU is asked), a budget
+    # between the peaks of micro-batch 2 and 4 gives 2 x 2: the same 4 pairs per step.
+    cfg.model.path = str(_weightless(tmp_path, "4b"))
+    shape = batching.read_shape(cfg.model.path)
+    model = batching.memory_model(shape, cfg.train, cfg.lora.r, cfg.loss.resolution, "cuda", 2, 1, False,
+                                  batching.image_sizes(images), len(images))
+    cfg.train.memory_budget_gb = (model.peak(2) + model.peak(4)) / 2 / batching.GIB
+    plan = batching.plan_run(cfg, torch.device("cuda"), 1, images, len(images))
+    assert (plan.micro_batch, plan.grad_accum, plan.compile) == (2, 2, True)
+    assert "micro-batch 4 would need" in plan.rows[0][2]
+
+
+def test_impossible_budget_is_refused_before_the_model_loads(tiny_model, tiny_pairs, tmp_path, capsys):
+    with pytest.raises(UserError, match=r"train\.memory_budget_gb.*micro-batch 1"):
+        train_dpo.main(["--cfg", "tiny", f"model.path={tiny_model}", f"data.root={tiny_pairs}",
+                        f"output_dir={tmp_path / 'out'}", "train.micro_batch_size=auto", "train.grad_accum=null",
+                        "train.memory_budget_gb=0.01"])
+    assert "building the model" not in capsys.readouterr().out
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_compile_failure_falls_back_to_eager():
+    layers = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]
+
+    def probe():
+        raise RuntimeError("no C compiler found\nsecond line")
+
+    reason = batching.compile_layers(layers, probe)
+    assert reason == "RuntimeError: no C compiler found"
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    x = torch.randn(2, 4)
+    assert torch.equal(layers[0](x), torch.nn.functional.linear(x, layers[0].weight, layers[0].bias))
