@@ -459,11 +459,12 @@ def predict_probabilities(
     question: str = "Please segment the blood vessels.", answer: str = "It is [SEG].",
 ) -> list[np.ndarray]:
     """Foreground probability (float32, H x W at each image's size) from the training forward."""
+    from .pipeline import prepared_chunks  # CPU preprocessing in threads, a chunk ahead of the GPU
+
     out: list[np.ndarray] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
+    for _, inputs in prepared_chunks(sa2va, images, batch_size):
         with autocast(sa2va):
-            features = encode_frozen(sa2va, prepare_images(sa2va, chunk))
+            features = encode_frozen(sa2va, inputs)
             low = seg_logits(sa2va, features, question, answer)
         for i, size in enumerate(features.sizes):
             prob = torch.sigmoid(upsample_logits(low[i : i + 1], sa2va.sam_size, size))[0, 0]

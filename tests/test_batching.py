@@ -97,3 +97,19 @@ def test_compile_failure_falls_back_to_eager():
     assert all(layer._compiled_call_impl is None for layer in layers)
     x = torch.randn(2, 4)
     assert torch.equal(layers[0](x), torch.nn.functional.linear(x, layers[0].weight, layers[0].bias))
+
+
+def test_threaded_preprocessing_gives_the_same_inputs(tiny_model, tiny_pairs):
+    from sa2va.fileio import read_rgb
+    from sa2va.model import load_sa2va, prepare_images
+    from sa2va.pipeline import prepared_chunks
+
+    sa2va = load_sa2va(tiny_model, trust_remote_code=True, device="cpu")
+    images = [read_rgb(p) for p in sorted((tiny_pairs / "images").glob("*.png"))[:5]]
+    images[1] = images[1][:, :90]  # another size and tile grid
+    chunks = list(prepared_chunks(sa2va, images, batch_size=2, workers=3))
+    assert [start for start, _ in chunks] == [0, 2, 4]
+    for start, got in chunks:
+        want = prepare_images(sa2va, images[start:start + 2])
+        assert got.tiles == want.tiles and got.sizes == want.sizes
+        assert torch.equal(got.vit_pixels, want.vit_pixels) and torch.equal(got.sam_pixels, want.sam_pixels)

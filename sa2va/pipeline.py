@@ -1,0 +1,58 @@
+"""Image preprocessing off the GPU's critical path.
+
+`prepare_images` (PIL resizes to the ViT tiles and the SAM2 input, normalisation) costs about
+25 ms of CPU per 512 px image, done in series it left the GPU idle for a third of the forward
+path at the 26B shape (docs/performance.md). Here each image is prepared in a thread pool (PIL
+and numpy release the GIL while they work), up to `ahead` chunks before the GPU needs them, so
+the next chunk is ready when the current one leaves the GPU. Results are the same tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .model import SegInputs, prepare_images
+
+
+def cat_inputs(parts: list[SegInputs]) -> SegInputs:
+    """Several prepared batches as one (the order kept)."""
+    return SegInputs(vit_pixels=torch.cat([p.vit_pixels for p in parts]),
+                     tiles=[t for p in parts for t in p.tiles],
+                     sam_pixels=torch.cat([p.sam_pixels for p in parts]),
+                     sizes=[s for p in parts for s in p.sizes])
+
+
+def prepared_chunks(sa2va: Any, images: list[np.ndarray], batch_size: int, workers: int | None = None,
+                    ahead: int = 2) -> Iterator[tuple[int, SegInputs]]:
+    """(start index, prepared inputs) of each chunk of `batch_size` images, prepared ahead in threads."""
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    pin = sa2va.device.type == "cuda"
+
+    def one(image: np.ndarray) -> SegInputs:
+        inputs = prepare_images(sa2va, [image])
+        if pin:  # page-locked: the copy to the GPU does not stage through pageable memory
+            inputs = SegInputs(inputs.vit_pixels.pin_memory(), inputs.tiles, inputs.sam_pixels.pin_memory(),
+                               inputs.sizes)
+        return inputs
+
+    starts = list(range(0, len(images), batch_size))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+
+        def submit(k: int) -> None:
+            if k < len(starts):
+                chunk = images[starts[k]:starts[k] + batch_size]
+                pending.append((starts[k], [pool.submit(one, image) for image in chunk]))
+
+        for k in range(ahead):
+            submit(k)
+        for k in range(len(starts)):
+            start, futures = pending.popleft()
+            submit(k + ahead)
+            yield start, cat_inputs([f.result() for f in futures])
