@@ -65,9 +65,11 @@ from sa2va import distributed as dist  # noqa: E402
 from sa2va import perf  # noqa: E402
 
 WAIT_GROUP: list[Any] = [None]  # a gloo group for the long wait of rank 1 (set in main)
-EAGER_VARIANTS = ("naive", "opt", "nocache", "mb1", "refsep", "fullvocab", "foreach", "nosync", "ckpt")
-MULTI_VARIANTS = ("ddp", "fsdp", "fsdpc")
-PLAN_TOKENS = ("eval",) + EAGER_VARIANTS + ("compile",) + MULTI_VARIANTS
+FAMILY: list[str | None] = [None]  # --family (set in main)
+EAGER_VARIANTS = ("naive", "opt", "nocache", "mb1", "refsep", "fullvocab", "foreach", "nosync", "ckpt", "loop")
+COMPILED_VARIANTS = ("compile", "fast")
+MULTI_VARIANTS = ("ddp", "fsdp", "fsdpc", "ddpfast", "fsdpfast")
+PLAN_TOKENS = ("eval",) + EAGER_VARIANTS + COMPILED_VARIANTS + MULTI_VARIANTS
 IMAGE_SIZE = 512  # one 448 px ViT tile (512 x 512 -> a 1 x 1 grid, no thumbnail)
 
 
@@ -87,6 +89,7 @@ class Variant:
     compile: bool = False  # per-layer torch.compile (train.compile)
     strategy: str = "single"  # single | ddp | fsdp
     grad_accum: int | None = None  # None: --grad-accum
+    on_device: bool = False  # train_dpo's loop since issue 17: features, masks, references on the GPU; one sync per step
 
 
 def make_variant(token: str, micro_batch: int, ddp_compile: bool, fsdp_compile: bool) -> Variant:
@@ -108,6 +111,11 @@ def make_variant(token: str, micro_batch: int, ddp_compile: bool, fsdp_compile: 
         "nosync": replace(opt, name="nosync", sync_metrics=False),
         "ckpt": replace(opt, name="ckpt", ckpt=True),
         "compile": replace(opt, name="compile", compile=True),
+        # What train_dpo.py's loop does now (issue 17): on-device data, one host sync per step; eager / compiled.
+        "loop": replace(opt, name="loop", on_device=True, sync_metrics=False),
+        "fast": replace(opt, name="fast", on_device=True, sync_metrics=False, compile=True),
+        "ddpfast": replace(opt, name="ddpfast", on_device=True, sync_metrics=False, compile=True, strategy="ddp"),
+        "fsdpfast": replace(opt, name="fsdpfast", on_device=True, sync_metrics=False, compile=True, strategy="fsdp"),
         "ddp": replace(opt, name="ddp", compile=ddp_compile, strategy="ddp"),
         "fsdp": replace(opt, name="fsdp", compile=fsdp_compile, strategy="fsdp"),
         "fsdpc": replace(opt, name="fsdpc", compile=True, strategy="fsdp"),
@@ -143,8 +151,9 @@ def build_random_sa2va(preset: str, device: torch.device, dtype: torch.dtype, se
     from sa2va.tiny import write_tiny_checkpoint
 
     t0 = time.perf_counter()
+    extra = {"family": FAMILY[0]} if FAMILY[0] else {}  # the LLM family of the 26B look-alike (issue 12)
     folder = write_tiny_checkpoint(workdir / f"{preset}-{os.getpid()}", seed=seed, preset=preset, weights=False,
-                                   warmup=False)
+                                   warmup=False, **extra)
     t1 = time.perf_counter()
     torch.manual_seed(seed)
     sa2va = load_sa2va(folder, trust_remote_code=True, device=str(device),
@@ -190,7 +199,7 @@ class Bench:
 
         self.sa2va, self.args, self.info = sa2va, args, info
         self.device = sa2va.device
-        self.cfg = load_config("v8", [f"train.grad_accum={args.grad_accum}"])
+        self.cfg = load_config("v8", [f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum={args.grad_accum}"])
         self.images = [s[0] for s in samples]
         masks = [s[1] for s in samples]
         self.chosen = [masks_to_tensor([m])[0] for m in masks]  # loss.resolution=full: image size
@@ -251,10 +260,21 @@ class Bench:
         return {"encode_s_per_image": (t1 - t0) / n, "reference_s_per_image": (t2 - t1) / n,
                 "frozen_unreachable": len(unreachable)}
 
-    def cached(self, indices: list[int]):
+    def cached(self, indices: list[int], on_device: bool = False):
         from sa2va.model import FrozenFeatures
 
-        return FrozenFeatures.cat([self.features[i] for i in indices]).to(self.device)
+        feats = self.device_copies()["features"] if on_device else self.features
+        return FrozenFeatures.cat([feats[i] for i in indices]).to(self.device)
+
+    def device_copies(self) -> dict[str, list[Any]]:
+        """Features, masks (uint8) and reference logits on the GPU, as train_dpo keeps them."""
+        if getattr(self, "_device_copies", None) is None:
+            self._device_copies = {
+                "features": [f.to(self.device) for f in self.features],
+                "chosen": [m.to(self.device, torch.uint8) for m in self.chosen],
+                "rejected": [m.to(self.device, torch.uint8) for m in self.rejected],
+                "refs": [z.to(self.device) for z in self.ref_logits]}
+        return self._device_copies
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -340,12 +360,17 @@ class Bench:
             yield
 
     def loss(self, logits: torch.Tensor, indices: list[int], refs: list[torch.Tensor],
-             sums: dict[str, Any] | None, sync_metrics: bool = True, accum: int | None = None) -> torch.Tensor:
+             sums: dict[str, Any] | None, sync_metrics: bool = True, accum: int | None = None,
+             on_device: bool = False) -> torch.Tensor:
         """train_dpo's loss: pair_losses (one upsample and loss call per mask size), metrics summed."""
         from train_dpo import pair_losses
 
-        losses, parts = pair_losses(self.cfg, self.sa2va, logits, [self.chosen[i] for i in indices],
-                                    [self.rejected[i] for i in indices], refs)
+        chosen, rejected = self.chosen, self.rejected
+        if on_device:
+            copies = self.device_copies()
+            chosen, rejected = copies["chosen"], copies["rejected"]
+        losses, parts = pair_losses(self.cfg, self.sa2va, logits, [chosen[i] for i in indices],
+                                    [rejected[i] for i in indices], refs)
         if sums is not None:
             for key, value in parts.items():
                 # The loop reads each metric once per step (float()); nosync keeps tensors.
@@ -403,7 +428,7 @@ class Bench:
         for m in range(accum):
             timer.mark("data")
             indices = self.next_indices(v.micro_batch)
-            feats = self.cached(indices) if v.cache else self.encode(indices)
+            feats = self.cached(indices, v.on_device) if v.cache else self.encode(indices)
             with dist.no_grad_sync(wrapped, enabled=multi and m < accum - 1):
                 timer.mark("llm_fwd")
                 with autocast(self.sa2va):
@@ -414,23 +439,35 @@ class Bench:
                         ref = self.policy(feats).float()
                     refs = [ref[j] for j in range(len(indices))]
                 else:
-                    refs = [self.ref_logits[i] for i in indices]
+                    refs = [(self.device_copies()["refs"] if v.on_device else self.ref_logits)[i] for i in indices]
                 timer.mark("loss")
-                loss = self.loss(logits, indices, refs, sums, v.sync_metrics, accum)
+                loss = self.loss(logits, indices, refs, sums, v.sync_metrics, accum, v.on_device)
                 timer.mark("heads_bwd")
                 loss.backward()
                 loss_value = loss_value + (float(loss.detach()) if v.sync_metrics else loss.detach())
             timer.mark("data")
         timer.mark("optimizer")
-        loss_value = float(loss_value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.optim.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        flag = torch.tensor([0.0 if math.isfinite(loss_value) and torch.isfinite(grad_norm) else 1.0],
-                            device=self.device)
-        finite = float(dist.all_reduce_sum(flag) if multi else flag) == 0.0
-        optimizer.step()  # stepped even when not finite: random weights, and the time is what counts
-        optimizer.zero_grad(set_to_none=True)
+        if v.on_device:  # the loop's order: the finite flag on the GPU, one sync, then the metrics in one read
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.optim.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            flag = (~torch.isfinite(torch.as_tensor(loss_value, device=self.device))
+                    | ~torch.isfinite(grad_norm.to(self.device))).float().reshape(1)
+            finite = float(dist.all_reduce_sum(flag) if multi else flag) == 0.0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if sums:
+                torch.stack([torch.as_tensor(sums[k], device=self.device) for k in sorted(sums)]).tolist()
+        else:
+            loss_value = float(loss_value)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.optim.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            flag = torch.tensor([0.0 if math.isfinite(loss_value) and torch.isfinite(grad_norm) else 1.0],
+                                device=self.device)
+            finite = float(dist.all_reduce_sum(flag) if multi else flag) == 0.0
+            optimizer.step()  # stepped even when not finite: random weights, and the time is what counts
+            optimizer.zero_grad(set_to_none=True)
         out = timer.end()
         out["finite"] = float(finite)
         return out
@@ -650,6 +687,8 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
     sync()
     entry["build_s"] = time.perf_counter() - t0
     model = sa2va.model
+    llm_cfg = model.config.llm_config
+    entry["architecture"] = (getattr(llm_cfg, "architectures", None) or [type(model.language_model).__name__])[0]
     entry["params"] = {"total": count_params(model), "vision_model": count_params(model.vision_model),
                        "language_model": count_params(model.language_model),
                        "sam2_image_encoder": count_params(sa2va.sam2.image_encoder),
@@ -697,7 +736,7 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
         save()
         # Eager variants first (plan order), then compiled ones: compiling is not undone cheaply.
         order = [t for t in single_tokens if base(t) in EAGER_VARIANTS]
-        order += [t for t in single_tokens if base(t) == "compile"]
+        order += [t for t in single_tokens if base(t) in COMPILED_VARIANTS]
         for name in order:
             v = make_variant(name, args.micro_batch, args.ddp_compile, args.fsdp_compile)
             t0 = time.perf_counter()
@@ -828,6 +867,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             evals[key] = {k: e.get(k) for k in ("forward_images_per_s", "forward_batch", "generate_images_per_s",
                                                  "speedup", "agreement_dice_mean", "agreement_dice_min",
                                                  "preprocess_s_per_image", "forced_answer")}
+            if "flops" in entry and e.get("forward_images_per_s"):
+                # Counted forward FLOPs per image: ViT + SAM2 encoder + the LLM and heads (no LoRA).
+                f = entry["flops"]
+                per_image = f["vit_fwd"] + f["sam_encoder_fwd"] + f["reference_fwd"]
+                evals[key]["forward_flops_per_image"] = per_image
+                evals[key]["forward_mfu"] = perf.mfu(per_image, e["forward_images_per_s"])
+        if "architecture" in entry:
+            shape["architecture"] = entry["architecture"]
     out["naive_vs_optimised"] = naive_ratio
     out["ddp_2gpu_scaling"] = scaling
     out["eval_forward_vs_generate"] = evals
@@ -876,13 +923,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp-compile", action="store_true")
     p.add_argument("--collective-timeout", type=int, default=300, help="seconds (NCCL)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", default=None, help="LLM family of the preset (sa2va.tiny --family), e.g. internlm2")
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--workdir", default=None, help="where the weightless checkpoint folders go")
     p.add_argument("--out", default=None, help="results JSON (full); SUMMARY next to it as *.summary.json")
+    p.add_argument("--mission", default=None, metavar="MULTI_GPU_JSON",
+                   help="with --summarise-from: experiments/multi_gpu.py's result of the mission's command at "
+                        "the 26B shape on one GPU, for mission_command_vs_best")
     p.add_argument("--summarise-from", nargs="+", default=None, metavar="RESULTS",
                    help="merge results JSONs of several runs (later runs add variants) and write the "
                         "summary to --out; runs nothing")
     return p.parse_args(argv)
+
+
+def headline_keys(summary: dict[str, Any], merged: dict[str, Any], mission_file: str | None) -> dict[str, Any]:
+    """The keys issue 17 asks for at the top of docs/performance.json. Each measured one names the
+    run it came from (its command is in docs/performance.md); one not measured is null, with why."""
+    out: dict[str, Any] = {}
+    why: dict[str, str] = {}
+    source: dict[str, str] = {}
+    big = summary.get("sa2va-26b", {})
+    variants = big.get("variants", {})
+    out["architecture"] = big.get("architecture")
+    if out["architecture"] is None:
+        why["architecture"] = "no 26B run recorded its LLM class"
+    ev = summary.get("eval_forward_vs_generate", {}).get("sa2va-26b", {})
+    out["eval_forward_images_per_s"] = ev.get("forward_images_per_s")
+    out["eval_forward_mfu"] = ev.get("forward_mfu")
+    source["eval_forward_images_per_s"] = source["eval_forward_mfu"] = str(merged.get("26b", {}).get("eval_run"))
+    # FSDP2 against DDP at the same micro-batch (2 GPUs), the best of each.
+    multi = {n: v for n, v in variants.items() if v["world_size"] > 1}
+    ratios = {}
+    for name, v in multi.items():
+        twins = [d for n, d in multi.items() if n.startswith("ddp") and d["micro_batch"] == v["micro_batch"]]
+        if name.startswith("fsdp") and twins:
+            ratios[name] = v["samples_per_s_per_gpu"] / max(d["samples_per_s_per_gpu"] for d in twins)
+    if ratios:
+        best = max(ratios, key=ratios.get)
+        out["fsdp_vs_ddp_per_gpu"] = ratios[best]
+        source["fsdp_vs_ddp_per_gpu"] = f"{best} over the best DDP variant at micro-batch {multi[best]['micro_batch']}"
+    else:
+        out["fsdp_vs_ddp_per_gpu"] = None
+        why["fsdp_vs_ddp_per_gpu"] = ("not measured: needs 2 GPUs running this 26B shape at the same micro-batch; "
+                                      "only the 1-GPU machine kind was lent during issue 17's runs")
+    for key in ("sa2va-26b", "sa2va-4b"):
+        shape = summary.get(key, {})
+        source[f"{key}.train_samples_per_s_per_gpu"] = source[f"{key}.mfu"] = (
+            f"{shape.get('best_variant')} ({shape.get('variants', {}).get(shape.get('best_variant'), {}).get('run')})")
+    out["mission_command_vs_best"] = None
+    if mission_file:
+        mission = json.loads(Path(mission_file).read_text())
+        run = mission.get("ddp1", {})
+        mb = run.get("micro_batch_size")
+        same = {n: v for n, v in variants.items() if v["world_size"] == 1 and v["micro_batch"] == mb}
+        if run.get("samples_per_s_total") and same:
+            best = max(same, key=lambda n: same[n]["samples_per_s_per_gpu"])
+            out["mission_command_vs_best"] = run["samples_per_s_total"] / same[best]["samples_per_s_per_gpu"]
+            out["mission_command"] = {"samples_per_s_per_gpu": run["samples_per_s_total"], "micro_batch_size": mb,
+                                      "grad_accum": run.get("grad_accum"), "steps": run.get("steps"),
+                                      "benchmark_variant": best,
+                                      "benchmark_samples_per_s_per_gpu": same[best]["samples_per_s_per_gpu"],
+                                      "command": mission.get("commands", {}).get("ddp1")}
+            source["mission_command_vs_best"] = f"{Path(mission_file).name} over {best} ({same[best].get('run')})"
+        else:
+            why["mission_command_vs_best"] = f"no benchmark variant at the mission run's micro-batch {mb}"
+    else:
+        why["mission_command_vs_best"] = "no mission run given (--mission)"
+    out["headline_sources"] = source
+    out["not_measured"] = why
+    return out
 
 
 def merge_results(files: list[str]) -> dict[str, Any]:
@@ -896,12 +1005,22 @@ def merge_results(files: list[str]) -> dict[str, Any]:
             if preset == "meta" or not isinstance(entry, dict):
                 continue
             target = merged.setdefault(preset, {"variants": {}})
+            # Runs before issue 17 recorded no architecture: every preset was Qwen2-based then.
+            arch = entry.get("architecture", "Qwen2ForCausalLM")
+            if target.get("architecture", arch) != arch:  # another LLM family: the older rows are another model
+                merged["replaced"] = merged.get("replaced", []) + [f"{preset}: {target['architecture']} rows of "
+                                                                   f"{target.get('runs')} replaced by {arch}"]
+                target = merged[preset] = {"variants": {}}
+            target["architecture"] = arch
+            target["runs"] = target.get("runs", []) + [Path(name).name]
             for key, value in entry.items():
                 if key == "variants":
                     for vname, v in value.items():
                         target["variants"][vname] = dict(v, run=Path(name).name)
-                elif key not in target:
+                elif key in ("eval", "flops") or key not in target:  # the newest evaluation and counts
                     target[key] = value
+                    if key == "eval":
+                        target["eval_run"] = Path(name).name
     return merged
 
 
@@ -911,10 +1030,12 @@ def main(argv: list[str] | None = None) -> int:
         merged = merge_results(args.summarise_from)
         summary = summarise(merged)
         summary["runs"] = merged["runs"]
+        summary.update(headline_keys(summary, merged, args.mission))
         text = json.dumps(summary, indent=1, default=str)
         Path(args.out).write_text(text + "\n") if args.out else print(text)
         print_table(merged)
         return 0
+    FAMILY[0] = args.family
     plan = parse_plan(args.plan if args.preset is None else
                       " ".join(f"{p}={args.variants}" for p in args.preset.split(",")))
     # Images before any CUDA work (the worker processes fork).

@@ -38,9 +38,16 @@ def summary(run_dir: Path, skip: int = 5) -> dict:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steady = records[skip:] or records
     rates = sorted(r["samples_per_s"] for r in steady)
-    return {"steps": records[-1]["step"], "samples_per_s_total": rates[len(rates) // 2],
-            "peak_mem_gb_rank0": max(r.get("peak_mem_gb", 0.0) for r in records),
-            "final_loss": records[-1]["loss"]}
+    out = {"steps": records[-1]["step"], "samples_per_s_total": rates[len(rates) // 2],
+           "peak_mem_gb_rank0": max(r.get("peak_mem_gb", 0.0) for r in records),
+           "final_loss": records[-1]["loss"]}
+    configs = sorted((run_dir / "checkpoints").glob("step_*/config.yaml"))
+    if configs:  # the split the loop chose (train.micro_batch_size: auto is resolved in the saved config)
+        import yaml
+
+        train = yaml.safe_load(configs[-1].read_text())["train"]
+        out.update(micro_batch_size=train["micro_batch_size"], grad_accum=train["grad_accum"])
+    return out
 
 
 def main() -> None:
@@ -50,6 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--scaling-steps", type=int, default=40)
     parser.add_argument("--preset", default="26b")
+    parser.add_argument("--family", default=None, help="LLM family of the preset (sa2va.tiny --family)")
     parser.add_argument("--fault-steps", type=int, default=80, help="fault run: steps (checkpoints every quarter)")
     parser.add_argument("--only", default="ddp,fsdp,fault", help="which parts to run")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. train.micro_batch_size=4)")
@@ -63,11 +71,12 @@ def main() -> None:
     py = sys.executable
     results: dict = {"preset": args.preset, "gpus": args.gpus}
 
-    model = work / f"sa2va-{args.preset}"
+    model = work / f"sa2va-{args.preset}{'-' + args.family if args.family else ''}"
     data = work / "data"
     setup = []
     if not model.is_dir():
-        setup.append([py, "-m", "sa2va.tiny", "--out", str(model), "--preset", args.preset, "--no-weights"])
+        setup.append([py, "-m", "sa2va.tiny", "--out", str(model), "--preset", args.preset, "--no-weights",
+                      *(["--family", args.family] if args.family else [])])
     if not (data / "dpo_annotations.json").is_file():
         setup.append([py, "-m", "sa2va.synth", "--out", str(data), "--n", "64", "--size", "512"])
         setup.append([py, "curate_data.py", "--data", str(data), "--rejected", "perturb", "--min-gap", "0.15",
@@ -90,12 +99,12 @@ def main() -> None:
 
     parts = args.only.split(",")
     if "ddp" in parts:
-        for n in sorted({1, 2, args.gpus}):
+        for n in sorted({1, min(2, args.gpus), args.gpus}):
             steps = args.steps if n == args.gpus else args.scaling_steps
             rc, run_dir, wall = torchrun(n, f"ddp{n}", steps)
             results[f"ddp{n}"] = {"rc": rc, "wall_s": round(wall, 1), **(summary(run_dir) if rc == 0 else {})}
         base = results.get("ddp1", {}).get("samples_per_s_total")
-        for n in (2, args.gpus):
+        for n in sorted({min(2, args.gpus), args.gpus} - {1}):
             got = results.get(f"ddp{n}", {}).get("samples_per_s_total")
             if base and got:
                 results[f"ddp{n}"]["scaling_vs_1gpu"] = round(got / base, 3)

@@ -178,6 +178,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise UserError(f"{file}: expected a mapping of keys at the top level")
         raw = loaded
+    in_file = set(raw.get("train") or {}) if isinstance(raw.get("train"), dict) else set()
+    overridden: set[str] = set()
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -187,23 +189,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
+        overridden.add(key.strip().removeprefix("train."))
     cfg = _build(Config, raw, prefix="", source=source)
     validate(cfg)
-    split_pairs(cfg, given=set((raw.get("train") or {}).keys()) if isinstance(raw.get("train"), dict) else set())
+    # pairs_per_step conflicts with a split only when given in the same place (file or overrides).
+    split = {"micro_batch_size", "grad_accum"}
+    strict = ("pairs_per_step" in overridden and split <= in_file | overridden) or {"pairs_per_step"} | split <= in_file
+    split_pairs(cfg, strict=strict)
     return cfg
 
 
-def split_pairs(cfg: Config, given: set[str] | None = None) -> None:
+def split_pairs(cfg: Config, strict: bool = False) -> None:
     """Make train.micro_batch_size x train.grad_accum = train.pairs_per_step where the config fixes
     the split; leave micro_batch_size "auto" (grad_accum null) for the loop to choose.
 
     Both micro_batch_size and grad_accum given: they win (the seed's 1 x 4 runs as written) and
-    pairs_per_step becomes their product; a pairs_per_step given beside them must agree."""
+    pairs_per_step becomes their product; with `strict`, a pairs_per_step given beside them must agree."""
     t = cfg.train
-    given = given or set()
     if t.micro_batch_size != "auto" and t.grad_accum is not None:
         product = t.micro_batch_size * t.grad_accum
-        if "pairs_per_step" in given and t.pairs_per_step != product:
+        if strict and t.pairs_per_step != product:
             raise UserError(f"config key train.pairs_per_step is {t.pairs_per_step}, but train.micro_batch_size "
                             f"{t.micro_batch_size} x train.grad_accum {t.grad_accum} = {product}; give two of the three")
         t.pairs_per_step = product

@@ -20,6 +20,8 @@ def test_pairs_per_step_split_rules():
     seed = load_config("v8", ["train.micro_batch_size=1", "train.grad_accum=4", "train.compile=false"])
     assert (seed.train.micro_batch_size, seed.train.grad_accum, seed.train.pairs_per_step) == (1, 4, 4)
     assert seed.train.compile is False
+    override = load_config("v8", ["train.micro_batch_size=8", "train.grad_accum=2"])  # overrides beat the file
+    assert (override.train.micro_batch_size, override.train.grad_accum, override.train.pairs_per_step) == (8, 2, 16)
     half = load_config("v8", ["train.micro_batch_size=2"])
     assert (half.train.micro_batch_size, half.train.grad_accum) == (2, 2)
     fixed_accum = load_config("v8", ["train.grad_accum=4"])
