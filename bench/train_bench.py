@@ -69,7 +69,8 @@ FAMILY: list[str | None] = [None]  # --family (set in main)
 EAGER_VARIANTS = ("naive", "opt", "nocache", "mb1", "refsep", "fullvocab", "foreach", "nosync", "ckpt", "loop")
 COMPILED_VARIANTS = ("compile", "fast")
 MULTI_VARIANTS = ("ddp", "fsdp", "fsdpc", "ddpfast", "fsdpfast")
-PLAN_TOKENS = ("eval",) + EAGER_VARIANTS + COMPILED_VARIANTS + MULTI_VARIANTS
+EVAL_VARIANTS = {"eval": (), "evalc": ("llm", "vit"), "evalcs": ("llm", "vit", "sam")}  # blocks compiled
+PLAN_TOKENS = tuple(EVAL_VARIANTS) + EAGER_VARIANTS + COMPILED_VARIANTS + MULTI_VARIANTS
 IMAGE_SIZE = 512  # one 448 px ViT tile (512 x 512 -> a 1 x 1 grid, no thumbnail)
 
 
@@ -591,8 +592,11 @@ class Bench:
         return out
 
     # -- evaluation --------------------------------------------------------------------
-    def bench_eval(self, n_forward: int, n_generate: int, batch: int, force: bool) -> dict[str, Any]:
-        """Forward path (predict_probabilities, batched) vs predict_forward (one image at a time)."""
+    def bench_eval(self, n_forward: int, n_generate: int, batch: int, force: bool,
+                   compiled: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Forward path (predict_probabilities, batched; `compiled` blocks torch.compile'd) vs
+        predict_forward (one image at a time, eager)."""
+        from sa2va.batching import compile_for_inference
         from sa2va.evaluation import generate_mask, mask_dice
         from sa2va.model import predict_probabilities
 
@@ -615,13 +619,19 @@ class Bench:
 
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        blocks = compile_for_inference(sa2va, compiled) if compiled else []
+        t0 = time.perf_counter()
         predict_probabilities(sa2va, images[:batch], batch_size=batch, question=question, answer=answer)  # warm-up
-        generate(images[0])
+        warmup_s = time.perf_counter() - t0
         self.sync()
         t0 = time.perf_counter()
         probs = predict_probabilities(sa2va, images[:n_forward], batch_size=batch, question=question, answer=answer)
         self.sync()
         forward_s = time.perf_counter() - t0
+        for block in blocks:  # the generate path runs eager (decoding shapes would recompile)
+            block._compiled_call_impl = None
+        generate(images[0])
+        self.sync()
         t0 = time.perf_counter()
         generated = [generate(im) for im in images[:n_generate]]
         self.sync()
@@ -645,6 +655,7 @@ class Bench:
             "foreground_fraction_forward": fg_forward, "foreground_fraction_generate": fg_generate,
             "generated_text": generated[0][1], "seg_tokens": [g[2] for g in generated],
             "forced_answer": force, "peak_mem_gib": perf.peak_memory_gib(self.device),
+            "compiled": list(compiled), "forward_warmup_s": warmup_s,
         }
 
 
@@ -697,24 +708,26 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
               f"{entry['params']['total'] / 1e9:.2f} B parameters, {perf.peak_memory_gib(device) or 0:.1f} GiB")
     bench = Bench(sa2va, samples, args, info)
 
-    if info.is_main and "eval" in single_tokens:
+    for token in [t for t in single_tokens if t in EVAL_VARIANTS] if info.is_main else []:
         t0 = time.perf_counter()
         try:
-            entry["eval"] = bench.bench_eval(args.eval_images, args.eval_generate, args.eval_batch, not args.no_force)
+            entry[token] = bench.bench_eval(args.eval_images, args.eval_generate, args.eval_batch, not args.no_force,
+                                            EVAL_VARIANTS[token])
         except Exception as err:
-            entry["eval_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-            log(info, f"   eval failed: {entry['eval_error']}")
+            entry[f"{token}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            log(info, f"   {token} failed: {entry[f'{token}_error']}")
             bench.after_failure()
-    if info.is_main and "eval" in entry:
-        e = entry["eval"]
-        log(info, f"   eval: forward {e['forward_images_per_s']:.2f} img/s, generate "
+            continue
+        e = entry[token]
+        log(info, f"   {token}: forward {e['forward_images_per_s']:.2f} img/s (compiled: {e['compiled'] or 'none'}, "
+                  f"warm-up {e['forward_warmup_s']:.0f} s), generate "
                   f"{e['generate_images_per_s']:.2f} img/s ({e['speedup']:.1f}x), agreement Dice mean "
                   f"{e['agreement_dice_mean']:.4f} min {e['agreement_dice_min']:.4f}, CPU preprocessing "
                   f"{1e3 * e['preprocess_s_per_image']:.1f} ms/image "
                   f"({time.perf_counter() - t0:.0f} s)")
         save()
 
-    train_tokens = [t for t in tokens if t != "eval"]
+    train_tokens = [t for t in tokens if t not in EVAL_VARIANTS]
     if not train_tokens:
         del bench, sa2va, model
         return
@@ -862,17 +875,23 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 for n, v in variants.items() if v["variant"]["strategy"] == "fsdp"}
         if fsdp:
             shape["fsdp"] = fsdp
-        if "eval" in entry:
-            e = entry["eval"]
+        found = {t: entry[t] for t in EVAL_VARIANTS if t in entry}
+        if found:
+            e = found.get("eval") or next(iter(found.values()))
             evals[key] = {k: e.get(k) for k in ("forward_images_per_s", "forward_batch", "generate_images_per_s",
                                                  "speedup", "agreement_dice_mean", "agreement_dice_min",
                                                  "preprocess_s_per_image", "forced_answer")}
-            if "flops" in entry and e.get("forward_images_per_s"):
-                # Counted forward FLOPs per image: ViT + SAM2 encoder + the LLM and heads (no LoRA).
-                f = entry["flops"]
-                per_image = f["vit_fwd"] + f["sam_encoder_fwd"] + f["reference_fwd"]
+            # Counted forward FLOPs per image: ViT + SAM2 encoder + the LLM and heads (no LoRA).
+            f = entry.get("flops")
+            per_image = f["vit_fwd"] + f["sam_encoder_fwd"] + f["reference_fwd"] if f else None
+            if per_image and e.get("forward_images_per_s"):
                 evals[key]["forward_flops_per_image"] = per_image
                 evals[key]["forward_mfu"] = perf.mfu(per_image, e["forward_images_per_s"])
+            evals[key]["forward_variants"] = {
+                t: {"images_per_s": v["forward_images_per_s"], "compiled": v.get("compiled", []),
+                    "mfu": perf.mfu(per_image, v["forward_images_per_s"]) if per_image else None,
+                    "warmup_s": v.get("forward_warmup_s"), "run": entry.get(f"{t}_run")}
+                for t, v in found.items()}
         if "architecture" in entry:
             shape["architecture"] = entry["architecture"]
     out["naive_vs_optimised"] = naive_ratio
@@ -947,10 +966,19 @@ def headline_keys(summary: dict[str, Any], merged: dict[str, Any], mission_file:
     out["architecture"] = big.get("architecture")
     if out["architecture"] is None:
         why["architecture"] = "no 26B run recorded its LLM class"
-    ev = summary.get("eval_forward_vs_generate", {}).get("sa2va-26b", {})
-    out["eval_forward_images_per_s"] = ev.get("forward_images_per_s")
-    out["eval_forward_mfu"] = ev.get("forward_mfu")
-    source["eval_forward_images_per_s"] = source["eval_forward_mfu"] = str(merged.get("26b", {}).get("eval_run"))
+    commands = {r["file"]: r.get("command", "see docs/performance.md") for r in merged["runs"]}
+    forward = summary.get("eval_forward_vs_generate", {}).get("sa2va-26b", {}).get("forward_variants", {})
+    if forward:  # the fastest forward path measured (eager, or with its blocks compiled)
+        best = max(forward, key=lambda t: forward[t]["images_per_s"])
+        out["eval_forward_images_per_s"] = forward[best]["images_per_s"]
+        out["eval_forward_mfu"] = forward[best]["mfu"]
+        out["eval_forward_variant"] = best
+        source["eval_forward_images_per_s"] = source["eval_forward_mfu"] = (
+            f"variant {best} (compiled: {', '.join(forward[best]['compiled']) or 'nothing'}): "
+            f"{commands.get(forward[best]['run'])}")
+    else:
+        out["eval_forward_images_per_s"] = out["eval_forward_mfu"] = None
+        why["eval_forward_images_per_s"] = why["eval_forward_mfu"] = "no evaluation run at the 26B shape"
     # FSDP2 against DDP at the same micro-batch (2 GPUs), the best of each.
     multi = {n: v for n, v in variants.items() if v["world_size"] > 1}
     ratios = {}
@@ -961,15 +989,17 @@ def headline_keys(summary: dict[str, Any], merged: dict[str, Any], mission_file:
     if ratios:
         best = max(ratios, key=ratios.get)
         out["fsdp_vs_ddp_per_gpu"] = ratios[best]
-        source["fsdp_vs_ddp_per_gpu"] = f"{best} over the best DDP variant at micro-batch {multi[best]['micro_batch']}"
+        source["fsdp_vs_ddp_per_gpu"] = (f"{best} over the best DDP variant at micro-batch {multi[best]['micro_batch']}: "
+                                         f"{commands.get(multi[best].get('run'))}")
     else:
         out["fsdp_vs_ddp_per_gpu"] = None
         why["fsdp_vs_ddp_per_gpu"] = ("not measured: needs 2 GPUs running this 26B shape at the same micro-batch; "
                                       "only the 1-GPU machine kind was lent during issue 17's runs")
     for key in ("sa2va-26b", "sa2va-4b"):
         shape = summary.get(key, {})
+        run = shape.get("variants", {}).get(shape.get("best_variant"), {}).get("run")
         source[f"{key}.train_samples_per_s_per_gpu"] = source[f"{key}.mfu"] = (
-            f"{shape.get('best_variant')} ({shape.get('variants', {}).get(shape.get('best_variant'), {}).get('run')})")
+            f"variant {shape.get('best_variant')}: {commands.get(run)}")
     out["mission_command_vs_best"] = None
     if mission_file:
         mission = json.loads(Path(mission_file).read_text())
@@ -984,14 +1014,34 @@ def headline_keys(summary: dict[str, Any], merged: dict[str, Any], mission_file:
                                       "benchmark_variant": best,
                                       "benchmark_samples_per_s_per_gpu": same[best]["samples_per_s_per_gpu"],
                                       "command": mission.get("commands", {}).get("ddp1")}
-            source["mission_command_vs_best"] = f"{Path(mission_file).name} over {best} ({same[best].get('run')})"
+            source["mission_command_vs_best"] = (f"{run.get('samples_per_s_total'):.2f} samples/s of "
+                                                 f"`{out['mission_command']['command']}` (through python "
+                                                 f"experiments/multi_gpu.py --gpus 1 --steps 60 --only ddp --preset "
+                                                 f"{mission.get('preset')}) over variant {best}: "
+                                                 f"{commands.get(same[best].get('run'))}")
         else:
             why["mission_command_vs_best"] = f"no benchmark variant at the mission run's micro-batch {mb}"
     else:
         why["mission_command_vs_best"] = "no mission run given (--mission)"
-    out["headline_sources"] = source
+    out["headline_commands"] = source
     out["not_measured"] = why
     return out
+
+
+def command_of(meta: dict[str, Any]) -> str:
+    """The command line of a run, rebuilt from the arguments its results recorded."""
+    a = meta["args"]
+    defaults = vars(parse_args([]))
+    parts = ["python3"]
+    if meta.get("world_size", 1) > 1:
+        parts += ["-m", "torch.distributed.run", "--nproc_per_node", str(meta["world_size"])]
+    parts += ["bench/train_bench.py", "--device", a["device"], "--plan", f'"{a["plan"]}"']
+    for key in ("steps", "warmup", "micro_batch", "grad_accum", "images", "eval_images", "eval_generate", "eval_batch",
+                "collective_timeout", "image_size", "family"):
+        if key in a and a[key] != defaults.get(key):
+            parts += [f"--{key.replace('_', '-')}", str(a[key])]
+    parts += ["--out", "OUT/" + Path(a["out"]).name] if a.get("out") else []
+    return " ".join(parts)
 
 
 def merge_results(files: list[str]) -> dict[str, Any]:
@@ -1000,7 +1050,8 @@ def merge_results(files: list[str]) -> dict[str, Any]:
     for name in files:
         run = json.loads(Path(name).read_text())
         merged["runs"].append({"file": Path(name).name, **{k: run["meta"].get(k) for k in
-                                                           ("torch", "transformers", "device", "world_size", "plan")}})
+                                                           ("torch", "transformers", "device", "world_size", "plan")},
+                               **({"command": command_of(run["meta"])} if "args" in run["meta"] else {})})
         for preset, entry in run.items():
             if preset == "meta" or not isinstance(entry, dict):
                 continue
@@ -1017,10 +1068,10 @@ def merge_results(files: list[str]) -> dict[str, Any]:
                 if key == "variants":
                     for vname, v in value.items():
                         target["variants"][vname] = dict(v, run=Path(name).name)
-                elif key in ("eval", "flops") or key not in target:  # the newest evaluation and counts
+                elif key in EVAL_VARIANTS or key == "flops" or key not in target:  # the newest evaluations, counts
                     target[key] = value
-                    if key == "eval":
-                        target["eval_run"] = Path(name).name
+                    if key in EVAL_VARIANTS:
+                        target[f"{key}_run"] = Path(name).name
     return merged
 
 
@@ -1031,6 +1082,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(merged)
         summary["runs"] = merged["runs"]
         summary.update(headline_keys(summary, merged, args.mission))
+        if merged.get("replaced"):
+            summary["replaced_rows"] = merged["replaced"]
+        if args.out and Path(args.out).is_file():  # keys written by other tools (multi_gpu_x4) stay
+            previous = json.loads(Path(args.out).read_text())
+            summary.update({k: v for k, v in previous.items() if k not in summary and k.startswith("multi_gpu")})
         text = json.dumps(summary, indent=1, default=str)
         Path(args.out).write_text(text + "\n") if args.out else print(text)
         print_table(merged)

@@ -345,6 +345,31 @@ def compile_layers(layers: list[nn.Module], probe: Callable[[], None]) -> str | 
     return None
 
 
+def _blocks(module: nn.Module | None, name: str = "layers") -> list[nn.Module]:
+    """The first non-empty ModuleList called `name` under module (a transformer's blocks)."""
+    for sub in ([] if module is None else module.modules()):
+        blocks = getattr(sub, name, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return list(blocks)
+    return []
+
+
+def compile_for_inference(sa2va: Any, parts: tuple[str, ...] = ("llm", "vit")) -> list[nn.Module]:
+    """torch.compile the blocks of the forward path: the LLM's decoder layers ("llm"), the ViT's
+    encoder layers ("vit"), SAM2's Hiera blocks ("sam"); one graph per block shape. Returns the
+    compiled blocks (`block._compiled_call_impl = None` puts one back to eager)."""
+    blocks: list[nn.Module] = []
+    if "llm" in parts:
+        blocks += _blocks(sa2va.llm)
+    if "vit" in parts:
+        blocks += _blocks(getattr(sa2va.model, "vision_model", None))
+    if "sam" in parts:
+        blocks += _blocks(getattr(sa2va.sam2.image_encoder, "trunk", None), "blocks")
+    for block in blocks:
+        block.compile()
+    return blocks
+
+
 def probe_backward(policy: nn.Module, features: Any, sa2va: Any) -> None:
     """One forward and backward of a training micro-batch that changes nothing: random streams
     restored, gradients dropped (what compiles the layers before step 1)."""
