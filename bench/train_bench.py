@@ -29,6 +29,11 @@ Plan tokens (per preset; eager ones run first, then compiled, then multi-GPU):
   ddp       compile (or opt with --no-ddp-compile) under DDP on every rank
   fsdp      opt under FSDP2 (fully_shard per decoder layer + the policy) on every rank (eager)
   fsdpc     fsdp with the per-layer compile
+  loop      what train_dpo.py's loop does since issue 17: opt with features, masks and reference
+            logits on the GPU and one host sync per step (eager); fast = loop compiled (the default
+            on CUDA); ddpfast / fsdpfast = fast under DDP / FSDP2 on every rank
+  evalc     eval with the LLM and ViT blocks compiled (sa2va.batching.compile_for_inference);
+  evalcs    and SAM2's Hiera blocks too
   NAME@MB or NAME@MBxACCUM sets a variant's micro-batch (and accumulation), e.g. compile@32x1
     python bench/train_bench.py --summarise-from run1.json run2.json --out docs/performance.json
 merges the results of several runs into the summary of docs/performance.json.
