@@ -113,8 +113,10 @@ def _formula_counts(config: dict[str, Any]) -> dict[str, int]:
 
 
 def read_shape(folder: str | Path) -> ModelShape:
-    """The sizes of a Sa2VA checkpoint folder, from config.json and the weight headers."""
-    folder = Path(folder)
+    """The sizes of a Sa2VA checkpoint folder (or hub id), from config.json and the weight headers."""
+    from .hub import resolve_model_path
+
+    folder = resolve_model_path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
         llm, vit = config["llm_config"], config["vision_config"]
