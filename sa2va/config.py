@@ -306,6 +306,11 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(f"config key {key} {what}")
 
+    # Keys typed `int | str` / `bool | str` take any string: a wrong word is a type error, reported first.
+    need(cfg.train.micro_batch_size == "auto" or (isinstance(cfg.train.micro_batch_size, int)
+                                                   and cfg.train.micro_batch_size > 0),
+         "train.micro_batch_size", f"must be a number > 0 or auto, got {cfg.train.micro_batch_size!r}")
+    need(cfg.train.compile in (True, False, "auto"), "train.compile", "must be true, false or auto")
     need(cfg.lora.r > 0, "lora.r", "must be > 0")
     need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
@@ -330,13 +335,9 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
     need(cfg.train.pairs_per_step > 0, "train.pairs_per_step", "must be > 0")
-    need(cfg.train.micro_batch_size == "auto" or (isinstance(cfg.train.micro_batch_size, int)
-                                                   and cfg.train.micro_batch_size > 0),
-         "train.micro_batch_size", f"must be a number > 0 or auto, got {cfg.train.micro_batch_size!r}")
     need(cfg.train.grad_accum is None or cfg.train.grad_accum > 0, "train.grad_accum", "must be > 0 or null")
     need(cfg.train.memory_budget_gb is None or cfg.train.memory_budget_gb > 0, "train.memory_budget_gb",
          "must be > 0 (GB) or null")
-    need(cfg.train.compile in (True, False, "auto"), "train.compile", "must be true, false or auto")
     need(cfg.train.epochs > 0, "train.epochs", "must be > 0")
     need(cfg.train.log_every > 0, "train.log_every", "must be > 0")
     need(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
