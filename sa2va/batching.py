@@ -59,6 +59,7 @@ class ModelShape:
     image_tokens: int  # LLM tokens per ViT tile
     min_tiles: int
     max_tiles: int
+    pixel_unit: int  # Qwen-VL (dynamic resolution): pixels per side of one LLM image token; 0 = InternVL tiles
     thumbnail: bool
     sam_size: int
     eager_attention: bool
@@ -95,7 +96,7 @@ def _safetensors_counts(folder: Path) -> dict[str, int] | None:
 
 def _formula_counts(config: dict[str, Any]) -> dict[str, int]:
     """Parameter counts from config.json alone (weightless benchmark folders)."""
-    llm, vit = config["llm_config"], config["vision_config"]
+    llm, vit = config.get("llm_config") or config["text_config"], config["vision_config"]
     h, layers, inter = int(llm["hidden_size"]), int(llm["num_hidden_layers"]), int(llm["intermediate_size"])
     heads = int(llm["num_attention_heads"])
     kv = int(llm.get("num_key_value_heads") or heads)
@@ -103,7 +104,7 @@ def _formula_counts(config: dict[str, Any]) -> dict[str, int]:
     per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * inter
     vocab = int(llm.get("vocab_size", 0))
     embeddings = vocab * h * (1 if llm.get("tie_word_embeddings") else 2)
-    hv, lv, iv = int(vit["hidden_size"]), int(vit["num_hidden_layers"]), int(vit["intermediate_size"])
+    hv, lv, iv = int(vit["hidden_size"]), int(vit.get("num_hidden_layers") or vit["depth"]), int(vit["intermediate_size"])
     patch = vit["patch_size"][0] if isinstance(vit["patch_size"], list) else vit["patch_size"]
     vision = lv * (4 * hv * hv + 2 * hv * iv) + 3 * patch * patch * hv
     width = int(hv / config.get("downsample_ratio", 0.5) ** 2)
@@ -119,32 +120,42 @@ def read_shape(folder: str | Path) -> ModelShape:
     folder = resolve_model_path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
-        llm, vit = config["llm_config"], config["vision_config"]
+        llm, vit = config.get("llm_config") or config["text_config"], config["vision_config"]
         counts = _safetensors_counts(folder)
         source = "weights"
         if counts is None:
             counts, source = _formula_counts(config), "config.json"
+        attn = str(llm.get("attn_implementation") or llm.get("_attn_implementation") or "sdpa")
+        common = dict(params=counts, layers=int(llm["num_hidden_layers"]), hidden=int(llm["hidden_size"]),
+                      intermediate=int(llm["intermediate_size"]), heads=int(llm["num_attention_heads"]),
+                      thumbnail=False, sam_size=int((config.get("sam2_config") or {}).get("image_size", 1024)),
+                      eager_attention=attn == "eager", source=source)
+        if "spatial_merge_size" in vit:  # Qwen-VL: one LLM token per merge x merge patches, pixels clamped
+            unit = int(vit["patch_size"]) * int(vit["spatial_merge_size"])
+            return ModelShape(vit_size=unit, vit_tokens=int(vit["spatial_merge_size"]) ** 2,
+                              vit_hidden=int(vit["hidden_size"]), image_tokens=1,
+                              min_tiles=int(config.get("min_pixels") or unit * unit),
+                              max_tiles=int(config.get("max_pixels") or 1280 * 28 * 28), pixel_unit=unit, **common)
         vit_size = int(config.get("force_image_size") or vit["image_size"][0])
         patch = vit["patch_size"][0] if isinstance(vit["patch_size"], list) else vit["patch_size"]
         tokens = int((vit_size // patch) ** 2 * config.get("downsample_ratio", 0.5) ** 2)
         dynamic = bool(config.get("dynamic_image_size", True))
-        attn = str(llm.get("attn_implementation") or llm.get("_attn_implementation") or "sdpa")
+        common["thumbnail"] = bool(config.get("use_thumbnail", True))
         return ModelShape(
-            params=counts, layers=int(llm["num_hidden_layers"]), hidden=int(llm["hidden_size"]),
-            intermediate=int(llm["intermediate_size"]), heads=int(llm["num_attention_heads"]),
             vit_size=vit_size, vit_tokens=(vit_size // patch) ** 2 + 1, vit_hidden=int(vit["hidden_size"]),
             image_tokens=tokens, min_tiles=int(config.get("min_dynamic_patch", 1)),
-            max_tiles=int(config.get("max_dynamic_patch", 12)) if dynamic else 1,
-            thumbnail=bool(config.get("use_thumbnail", True)),
-            sam_size=int((config.get("sam2_config") or {}).get("image_size", 1024)),
-            eager_attention=attn == "eager", source=source)
+            max_tiles=int(config.get("max_dynamic_patch", 12)) if dynamic else 1, pixel_unit=0, **common)
     except (OSError, KeyError, TypeError, ValueError, struct.error) as err:
         raise UserError(f"cannot read the sizes of the model in {folder} for train.micro_batch_size=auto: "
                         f"{type(err).__name__}: {err}; give train.micro_batch_size a number") from err
 
 
 def tiles_for(shape: ModelShape, width: int, height: int) -> int:
-    """ViT tiles of one image (InternVL's dynamic tiling, as preprocess.vit_tiles cuts them)."""
+    """ViT tiles of one image (InternVL's dynamic tiling, as preprocess.vit_tiles cuts them); for
+    Qwen-VL, its LLM image tokens (the pixel count clamped to min/max_pixels, per unit x unit)."""
+    if shape.pixel_unit:
+        pixels = min(max(width * height, shape.min_tiles), shape.max_tiles)
+        return -(-pixels // shape.pixel_unit**2)
     cols, rows = tile_grid(width, height, shape.vit_size, shape.min_tiles, shape.max_tiles)
     n = cols * rows
     return n + 1 if shape.thumbnail and n > 1 else n
