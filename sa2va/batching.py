@@ -132,10 +132,13 @@ def read_shape(folder: str | Path) -> ModelShape:
                       eager_attention=attn == "eager", source=source)
         if "spatial_merge_size" in vit:  # Qwen-VL: one LLM token per merge x merge patches, pixels clamped
             unit = int(vit["patch_size"]) * int(vit["spatial_merge_size"])
+            processor = folder / "preprocessor_config.json"
+            pre = json.loads(processor.read_text()) if processor.is_file() else {}
             return ModelShape(vit_size=unit, vit_tokens=int(vit["spatial_merge_size"]) ** 2,
                               vit_hidden=int(vit["hidden_size"]), image_tokens=1,
-                              min_tiles=int(config.get("min_pixels") or unit * unit),
-                              max_tiles=int(config.get("max_pixels") or 1280 * 28 * 28), pixel_unit=unit, **common)
+                              min_tiles=int(config.get("min_pixels") or pre.get("min_pixels") or 4 * 28 * 28),
+                              max_tiles=int(config.get("max_pixels") or pre.get("max_pixels") or 16384 * 28 * 28),
+                              pixel_unit=unit, **common)  # defaults: Qwen2.5-VL's image processor
         vit_size = int(config.get("force_image_size") or vit["image_size"][0])
         patch = vit["patch_size"][0] if isinstance(vit["patch_size"], list) else vit["patch_size"]
         tokens = int((vit_size // patch) ** 2 * config.get("downsample_ratio", 0.5) ** 2)

@@ -122,3 +122,16 @@ def test_threaded_preprocessing_gives_the_same_inputs(tiny_model, tiny_pairs):
         want = prepare_images(sa2va, images[start:start + 2])
         assert got.tiles == want.tiles and got.sizes == want.sizes
         assert torch.equal(got.vit_pixels, want.vit_pixels) and torch.equal(got.sam_pixels, want.sam_pixels)
+
+
+def test_qwen_vl_family_tokens_follow_the_pixel_count(tmp_path):
+    from sa2va.tiny_qwen_vl import preset_config_dict as qwen_config
+
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(qwen_config("qwen2_5_vl", "tiny")))
+    shape = batching.read_shape(folder)  # dynamic resolution: 28 x 28 pixels per LLM token, clamped
+    assert shape.pixel_unit == 28
+    assert batching.tiles_for(shape, 64, 64) == shape.min_tiles // 28**2
+    assert batching.tiles_for(shape, 200, 200) == -(-200 * 200 // 28**2)
+    assert batching.tiles_for(shape, 4000, 4000) == shape.max_tiles // 28**2
