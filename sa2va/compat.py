@@ -60,7 +60,7 @@ def ensure_post_init(folder: Path, auto_ref: str) -> None:
     if getattr(cls, "_sa2va_dpo_post_init", False):
         return
     source = (folder / f"{auto_ref.split('--')[-1].rsplit('.', 1)[0]}.py").read_text()
-    if "self.post_init()" in source:
+    if _init_calls_post_init(source, cls.__name__):
         return
     original_init = cls.__init__
 
@@ -70,6 +70,23 @@ def ensure_post_init(folder: Path, auto_ref: str) -> None:
 
     cls.__init__ = __init__
     cls._sa2va_dpo_post_init = True
+
+
+def _init_calls_post_init(source: str, class_name: str) -> bool:
+    """Whether `class_name.__init__` in `source` calls self.post_init() (read from the syntax tree,
+    so a comment or docstring that mentions it does not count)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return "self.post_init()" in source
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            inits = [f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"]
+            return any(isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "post_init"
+                       for f in inits for c in ast.walk(f))
+    return "self.post_init()" in source  # class not found in this file: the old textual rule
 
 
 def fix_meta_buffers(model: nn.Module, device: torch.device) -> None:

@@ -41,3 +41,12 @@ def test_qwen_vl_family_detected_and_its_processor_required(tmp_path):
     (folder / "preprocessor_config.json").unlink()
     with pytest.raises(UserError, match="preprocessor_config.json"):
         check_model_folder(folder, need_weights=False)
+
+
+def test_post_init_repair_is_not_fooled_by_a_comment():
+    from sa2va.compat import _init_calls_post_init
+
+    code = ("class M:\n    def __init__(self):\n        # like the release, no self.post_init() here\n"
+            "        self.x = 1\n\nclass N:\n    def __init__(self):\n        self.post_init()\n")
+    assert not _init_calls_post_init(code, "M")
+    assert _init_calls_post_init(code, "N")
