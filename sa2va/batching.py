@@ -361,12 +361,13 @@ def compile_layers(layers: list[nn.Module], probe: Callable[[], None]) -> str | 
     return None
 
 
-def _blocks(module: nn.Module | None, name: str = "layers") -> list[nn.Module]:
-    """The first non-empty ModuleList called `name` under module (a transformer's blocks)."""
+def _blocks(module: nn.Module | None, names: tuple[str, ...] = ("layers",)) -> list[nn.Module]:
+    """The first non-empty ModuleList called one of `names` under module (a transformer's blocks)."""
     for sub in ([] if module is None else module.modules()):
-        blocks = getattr(sub, name, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return list(blocks)
+        for name in names:
+            blocks = getattr(sub, name, None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                return list(blocks)
     return []
 
 
@@ -377,10 +378,10 @@ def compile_for_inference(sa2va: Any, parts: tuple[str, ...] = ("llm", "vit")) -
     blocks: list[nn.Module] = []
     if "llm" in parts:
         blocks += _blocks(sa2va.llm)
-    if "vit" in parts:
-        blocks += _blocks(getattr(sa2va.model, "vision_model", None))
-    if "sam" in parts:
-        blocks += _blocks(getattr(sa2va.sam2.image_encoder, "trunk", None), "blocks")
+    if "vit" in parts:  # InternViT: encoder.layers (the release) or encoder.layer
+        blocks += _blocks(getattr(sa2va.model, "vision_model", None), ("layers", "layer"))
+    if "sam" in parts:  # Hiera: image_encoder.trunk(.backbone).blocks
+        blocks += _blocks(sa2va.sam2.image_encoder, ("blocks",))
     for block in blocks:
         block.compile()
     return blocks

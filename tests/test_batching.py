@@ -135,3 +135,14 @@ def test_qwen_vl_family_tokens_follow_the_pixel_count(tmp_path):
     assert batching.tiles_for(shape, 64, 64) == shape.min_tiles // 28**2
     assert batching.tiles_for(shape, 200, 200) == -(-200 * 200 // 28**2)
     assert batching.tiles_for(shape, 4000, 4000) == shape.max_tiles // 28**2
+
+
+def test_compile_for_inference_wraps_the_forward_blocks(tiny_model):
+    from sa2va.model import load_sa2va
+
+    sa2va = load_sa2va(tiny_model, trust_remote_code=True, device="cpu")
+    blocks = batching.compile_for_inference(sa2va, ("llm", "vit", "sam"))
+    llm, vit = batching._blocks(sa2va.llm), batching._blocks(sa2va.model.vision_model, ("layers", "layer"))
+    assert llm and vit and all(any(b is x for x in blocks) for b in llm + vit)
+    assert len(blocks) > len(llm) + len(vit)  # SAM2's Hiera blocks too
+    assert all(b._compiled_call_impl is not None for b in blocks)
