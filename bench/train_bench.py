@@ -660,7 +660,7 @@ class Bench:
             "foreground_fraction_forward": fg_forward, "foreground_fraction_generate": fg_generate,
             "generated_text": generated[0][1], "seg_tokens": [g[2] for g in generated],
             "forced_answer": force, "peak_mem_gib": perf.peak_memory_gib(self.device),
-            "compiled": list(compiled), "forward_warmup_s": warmup_s,
+            "compiled": list(compiled), "compiled_blocks": len(blocks), "forward_warmup_s": warmup_s,
         }
 
 
@@ -894,6 +894,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 evals[key]["forward_mfu"] = perf.mfu(per_image, e["forward_images_per_s"])
             evals[key]["forward_variants"] = {
                 t: {"images_per_s": v["forward_images_per_s"], "compiled": v.get("compiled", []),
+                    "compiled_blocks": v.get("compiled_blocks"),
                     "mfu": perf.mfu(per_image, v["forward_images_per_s"]) if per_image else None,
                     "warmup_s": v.get("forward_warmup_s"), "run": entry.get(f"{t}_run")}
                 for t, v in found.items()}
@@ -981,6 +982,11 @@ def headline_keys(summary: dict[str, Any], merged: dict[str, Any], mission_file:
         source["eval_forward_images_per_s"] = source["eval_forward_mfu"] = (
             f"variant {best} (compiled: {', '.join(forward[best]['compiled']) or 'nothing'}): "
             f"{commands.get(forward[best]['run'])}")
+        if set(forward[best]["compiled"]) - {"llm"} and forward[best].get("compiled_blocks") is None:
+            out["eval_forward_note"] = (
+                f"{best} asked for {', '.join(forward[best]['compiled'])}, but before the block lookup was fixed "
+                "(after runs 4-5) only the LLM's decoder layers were found and compiled: the figure is the "
+                "forward path with the LLM compiled, ViT and SAM2 eager")
     else:
         out["eval_forward_images_per_s"] = out["eval_forward_mfu"] = None
         why["eval_forward_images_per_s"] = why["eval_forward_mfu"] = "no evaluation run at the 26B shape"

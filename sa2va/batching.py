@@ -371,7 +371,7 @@ def _blocks(module: nn.Module | None, names: tuple[str, ...] = ("layers",)) -> l
     return []
 
 
-def compile_for_inference(sa2va: Any, parts: tuple[str, ...] = ("llm", "vit")) -> list[nn.Module]:
+def compile_for_inference(sa2va: Any, parts: tuple[str, ...] = ("llm",)) -> list[nn.Module]:
     """torch.compile the blocks of the forward path: the LLM's decoder layers ("llm"), the ViT's
     encoder layers ("vit"), SAM2's Hiera blocks ("sam"); one graph per block shape. Returns the
     compiled blocks (`block._compiled_call_impl = None` puts one back to eager)."""
