@@ -5,12 +5,13 @@
 The whole algorithm is in `train` below, top to bottom:
   1. config (validated), distributed setup, output folder checked;
   2. pairs read and checked, model loaded, LoRA added, everything else frozen;
-  3. frozen work once: ViT and SAM2 image-encoder features of every image, and (for mask DPO)
-     the reference model's logits of every pair, all before the first step;
+  3. frozen work once: ViT and SAM2 image-encoder features of every image, and (for mask DPO
+     and GRPO) the reference model's logits of every pair, all before the first step;
   4. the policy (LLM + text_hidden_fcs + mask decoder) wrapped in DDP or FSDP2;
   5. the loop: gradient accumulation with no_sync, bf16 autocast on GPU, clipping, AdamW,
      warm-up + cosine, NaN/inf steps skipped, metrics all-reduced and logged on rank 0,
-     held-out Dice, atomic checkpoints, --resume;
+     held-out Dice, atomic checkpoints, --resume; online DPO remakes the rejected masks from
+     the policy every data.refresh_every steps (sa2va.online), GRPO samples masks in its loss;
   6. the final export: a full HF folder with LoRA merged (OUTPUT/final).
 """
 
@@ -34,6 +35,7 @@ from torch.utils.data.distributed import DistributedSampler
 from sa2va import batching
 from sa2va import checkpoint as ckpt
 from sa2va import distributed as dist
+from sa2va import online
 from sa2va import tiling
 from sa2va.config import DEFAULT_CONFIG, Config, load_config, to_yaml
 from sa2va.data import PairDataset, list_image_folder, load_image_entry, masks_to_tensor, read_pairs
@@ -150,7 +152,8 @@ def at_loss_resolution(logits: torch.Tensor, sa2va: Sa2VA, size: tuple[int, int]
 
 
 def pair_losses(cfg: Config, sa2va: Sa2VA, logits: torch.Tensor, chosen: list[torch.Tensor],
-                rejected: list[torch.Tensor], refs: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+                rejected: list[torch.Tensor], refs: list[torch.Tensor] | None,
+                sampling: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     """Loss per pair (B,) and the summed logged metrics (tensors: no host sync here).
 
     One policy forward gave `logits` for the micro-batch; chosen and rejected are scored on it.
@@ -169,7 +172,7 @@ def pair_losses(cfg: Config, sa2va: Sa2VA, logits: torch.Tensor, chosen: list[to
                                       cfg.loss.resolution)
         w = torch.stack([chosen[j] for j in js]).to(sa2va.device, torch.float32)  # masks may be uint8 on the GPU
         l = torch.stack([rejected[j] for j in js]).to(sa2va.device, torch.float32)
-        group_losses, parts = combined_loss(cfg.loss, z, w, l, zref)
+        group_losses, parts = combined_loss(cfg.loss, z, w, l, zref, sampling)
         losses = losses.index_put((torch.tensor(js, device=sa2va.device),), group_losses)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value.sum()
@@ -281,7 +284,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     # and text_hidden_fcs / mask decoder are their starting copies).
     ref_logits: list[torch.Tensor] | None = None
     # Also for dice_dpo: the rewards and KL are how a user sees what preference training did.
-    if cfg.loss.mask_dpo > 0 or cfg.loss.dice_dpo > 0:
+    if cfg.loss.mask_dpo > 0 or cfg.loss.dice_dpo > 0 or cfg.loss.grpo > 0:
         ref_file = out / "reference_logits.pt"
         if resume and ref_file.is_file():
             ref_logits = list(torch.load(ref_file, map_location="cpu", weights_only=True))
@@ -351,6 +354,28 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
     state_options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
+    # GRPO's mask samples and online DPO's sampled rejected masks draw from their own RNG,
+    # one stream per rank, saved in every checkpoint.
+    sampling = torch.Generator(device=info.device).manual_seed(cfg.train.seed + 7919 * info.rank)
+
+    def refresh_pairs() -> dict[str, float]:
+        """Online DPO: every pair's rejected mask remade from the current policy (sa2va.online)."""
+        policy.eval()  # no LoRA dropout: every rank makes the same masks
+        firsts = [first_pair[u] for u in range(len(images))]
+        image_logits = []
+        with torch.no_grad():
+            for start in range(0, len(images), max(batch, 4)):
+                idx = firsts[start : start + max(batch, 4)]
+                with autocast(sa2va):
+                    z = policy(batch_features(idx))
+                image_logits.extend(at_loss_resolution(z[i : i + 1], sa2va, tuple(chosen[j].shape[-2:]),
+                                                       cfg.loss.resolution)[0] for i, j in enumerate(idx))
+        wrapped.train()
+        rejected[:], stats = online.refresh_rejected(
+            image_logits, image_of_pair, chosen, rejected, cfg.data.refresh_thresholds, cfg.data.refresh_samples,
+            cfg.data.refresh_min_gap, sampling)
+        return stats
+
     step, best_dice, bad_in_a_row, skipped_total = 0, -1.0, 0, 0
     if resume:
         last = ckpt.latest_checkpoint(out)
@@ -364,7 +389,12 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
                            optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True, strict=False))
             scheduler.load_state_dict(state["scheduler"])
-            ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
+            rank_rng = state["rng"][min(info.rank, len(state["rng"]) - 1)]
+            ckpt.set_rng_state(rank_rng)
+            if "sampling" in rank_rng:
+                sampling.set_state(rank_rng["sampling"])
+            if "rejected" in state:  # online DPO: the rejected masks in force at this step
+                rejected[:] = [m.to(r.device, r.dtype) for m, r in zip(online.unpack_masks(state["rejected"]), rejected)]
             meta = json.loads((last / "trainer_state.json").read_text())
             step, best_dice = meta["step"], meta.get("best_dice", -1.0)
             skipped_total = meta.get("skipped_steps", 0)
@@ -376,7 +406,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
 
     def save(name_step: int, best: bool = False) -> None:
         model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=state_options)
-        rngs = dist.all_gather_objects(ckpt.rng_state())
+        rngs = dist.all_gather_objects({**ckpt.rng_state(), "sampling": sampling.get_state()})
         if info.is_main:
             trained = {policy.to_model_name(k): v for k, v in model_sd.items()}
             meta = {"step": name_step, "total_steps": total_steps, "epoch": name_step // steps_per_epoch,
@@ -384,6 +414,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
                     "best_dice": best_dice, "skipped_steps": skipped_total, "world_size": info.world_size,
                     "base_model": str(Path(sa2va.path).resolve())}  # the folder loaded (a hub id: its snapshot)
             training_state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "rng": rngs}
+            if cfg.data.refresh_every:
+                training_state["rejected"] = online.pack_masks(rejected)
             target = ckpt.save_checkpoint(out, name_step, trained, sa2va.llm, training_state,
                                           meta, to_yaml(cfg), cfg.train.keep_checkpoints, best=best)
             log0(info, f"saved {target}")
@@ -414,6 +446,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             first = position * cfg.train.grad_accum
             micro = [order[(first + m) * batch : (first + m + 1) * batch] for m in range(cfg.train.grad_accum)]
             started = time.perf_counter()
+            refreshed = refresh_pairs() if cfg.data.refresh_every and step % cfg.data.refresh_every == 0 else {}
             sums: dict[str, torch.Tensor] = {}
             loss_sum = torch.zeros((), device=info.device)  # read once per step: no host sync per micro-batch
             for m, indices in enumerate(micro):
@@ -423,7 +456,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
                         logits = wrapped(batch_features(indices))
                     refs = None if ref_logits is None else [ref_logits[image_of_pair[i]] for i in indices]
                     losses, parts = pair_losses(cfg, sa2va, logits, [chosen[i] for i in indices],
-                                                [rejected[i] for i in indices], refs)
+                                                [rejected[i] for i in indices], refs, sampling)
                     for key, value in parts.items():
                         sums[key] = sums.get(key, 0.0) + value
                     loss = losses.mean() / cfg.train.grad_accum
@@ -464,7 +497,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             record = dist.all_reduce_mean(record, info.device)
             elapsed = time.perf_counter() - started
             record.update(step=step, epoch=epoch, lr=lr_used,
-                          samples_per_s=n_samples * info.world_size / elapsed, skipped_steps=skipped_total)
+                          samples_per_s=n_samples * info.world_size / elapsed, skipped_steps=skipped_total,
+                          **refreshed)
             if info.device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
 

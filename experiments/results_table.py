@@ -1,20 +1,21 @@
 """The results table of docs/results.md: every recipe x 3 training seeds on the demo's benchmark.
 
-    python experiments/results_table.py --work runs/table --jobs 2          # ~1 h on 2 CPU cores
-    python experiments/results_table.py --work runs/table --jobs 14         # a 16-core machine
+    python experiments/results_table.py --work runs/table --jobs 2                  # CPU, hours on 2 cores
+    python experiments/results_table.py --work runs/table --jobs 14 --device cuda   # one GPU, 16 cores
 
 Steps, all through the suite's own commands (each command is recorded beside its numbers):
-  1. the benchmark: the shipped baseline, synthetic data and curated pairs, exactly as
-     `python -m sa2va.demo` makes them (same seeds, sizes and curation options);
+  1. the benchmark: the baseline (assets/baseline, or --baseline), synthetic data and curated
+     pairs, exactly as `python -m sa2va.demo` makes them, with --n-test held-out images (>= 200);
   2. every recipe of RECIPES with training seeds 0, 1, 2 (train_dpo.py, in parallel);
   3. evaluate.py of the baseline and of every trained model on the held-out images;
-  4. per recipe: the mean over seeds of each metric, and a paired comparison against the
-     baseline of the per-image metric averaged over the 3 seeds (bootstrap CI, Wilcoxon p),
-     plus the Dice p of each seed alone; written to docs/results.json and a markdown table.
+  4. per recipe: the mean over seeds of Dice and clDice, and paired comparisons of the per-image
+     metric averaged over the 3 seeds against continued SFT (the control) and against the
+     baseline (bootstrap CI, Wilcoxon p, images needed). docs/results.json holds, per row,
+     recipe, kind, dice, cldice, vs_sft, vs_baseline and the commands; the CIs, images needed
+     and per-seed numbers go to docs/results_details.json.
 
-Learning rates: the seed's runs used 1e-6 (v6-v8), 5e-5 (v8b) and 1e-5 (v8c) on a 26B model.
-On the tiny model 1e-6 moves nothing in 100 steps, so every rate is scaled by 100, keeping the
-ratios between the runs (v8b is still 50x v8).
+Learning rates: the seed's 1e-6 (v8) on a 26B model moves nothing on the tiny model, so every
+rate is scaled by 100 (1e-4), the same for every recipe.
 """
 
 from __future__ import annotations
@@ -36,29 +37,27 @@ sys.path.insert(0, str(REPO))
 
 from sa2va.metrics import paired_compare  # noqa: E402
 
-LR_SCALE = 100
-RECIPES: dict[str, tuple[str, list[str], str]] = {
-    "v6": ("configs/v6.yaml", [f"optim.lr={1e-6 * LR_SCALE:g}"], "Dice-DPO, LoRA only"),
-    "v7": ("configs/v7.yaml", [f"optim.lr={1e-6 * LR_SCALE:g}"], "Dice-DPO, + text_hidden_fcs and mask decoder"),
-    "v8": ("configs/v8.yaml", [f"optim.lr={1e-6 * LR_SCALE:g}"], "Dice-DPO + 1.0 Dice (the seed's hybrid)"),
-    "v8b": ("configs/v8b.yaml", [f"optim.lr={5e-5 * LR_SCALE:g}"], "v8 at 50x the learning rate"),
-    "v8c": ("configs/v8c.yaml", [f"optim.lr={1e-5 * LR_SCALE:g}"], "v8 at 10x the learning rate"),
-    # The rows below ran on configs/demo.yaml when it held mask_dpo 1.0 + dice 1.0 (beta 0.2, LoRA r 8 /
-    # alpha 16); it now holds v8's recipe, so they spell out every loss weight and the LoRA size.
-    "mask_dpo": ("configs/v8.yaml", ["loss.dice_dpo=0", "loss.dice=0", "loss.mask_dpo=1.0", "lora.r=8", "lora.alpha=16",
-                                     "optim.weight_decay=0", f"optim.lr={1e-6 * LR_SCALE:g}"], "true mask DPO alone"),
-    "mask_dpo+dice": ("configs/v8.yaml", ["loss.dice_dpo=0", "loss.dice=1.0", "loss.mask_dpo=1.0", "lora.r=8",
-                                          "lora.alpha=16", "optim.weight_decay=0", f"optim.lr={1e-6 * LR_SCALE:g}"],
-                      "true mask DPO + 1.0 Dice"),
-    "sft": ("configs/v8.yaml", ["loss.dice_dpo=0", "loss.bce=2.0", "loss.dice=0.5", "lora.r=8", "lora.alpha=16",
-                                "optim.weight_decay=0", f"optim.lr={1e-6 * LR_SCALE:g}"],
-            "supervised: 2.0 BCE + 0.5 Dice (official weights)"),
+LR = "optim.lr=1e-4"
+SMALL = ["lora.r=8", "lora.alpha=16", "optim.weight_decay=0", LR]
+SFT_TERMS = ["loss.bce=2.0", "loss.dice=0.5"]  # the official supervised weights
+# name: (config, overrides, kind, description)
+RECIPES: dict[str, tuple[str, list[str], str, str]] = {
+    "sft": ("configs/v8.yaml", ["loss.dice_dpo=0", *SFT_TERMS, *SMALL], "supervised",
+            "continued SFT, 2.0 BCE + 0.5 Dice (the control)"),
+    "v8": ("configs/v8.yaml", [LR], "preference", "the seed's Dice-DPO + 1.0 Dice"),
+    "mask_dpo+dice": ("configs/v8.yaml", ["loss.dice_dpo=0", "loss.mask_dpo=1.0", "loss.dice=1.0", *SMALL],
+                      "preference", "offline mask DPO + 1.0 Dice"),
+    "online_dpo": ("configs/online_dpo.yaml", ["loss.dice=0", LR], "preference",
+                   "online mask DPO alone (rejected masks remade every 10 steps)"),
+    "online_dpo+dice": ("configs/online_dpo.yaml", [LR], "preference", "online mask DPO + 1.0 Dice"),
+    "grpo": ("configs/grpo.yaml", [LR], "reward", "mask GRPO, Dice reward, 8 samples, KL 0.05"),
+    "grpo+sft": ("configs/grpo.yaml", [*SFT_TERMS, LR], "reward", "mask GRPO + 2.0 BCE + 0.5 Dice"),
 }
-# The same for every run: CPU, 4 pairs per optimizer step as the seed (1 x 4), one epoch of at
-# most 500 pairs, no held-out evaluation during training (the table evaluates afterwards).
-COMMON = ["device=cpu", "train.micro_batch_size=4", "train.grad_accum=1", "train.epochs=1",
-          "data.max_samples=500", "train.save_every=0", "train.eval_every=0", "data.val_root=null"]
-METRICS = ("dice", "iou", "precision", "recall", "cldice")
+# The same for every run: 4 pairs per optimizer step as the seed (1 x 4, run as micro-batch 4),
+# one epoch of at most 500 pairs, no held-out evaluation during training (the table evaluates).
+COMMON = ["train.micro_batch_size=4", "train.grad_accum=1", "train.epochs=1", "data.max_samples=500",
+          "train.save_every=0", "train.eval_every=0", "data.val_root=null"]
+METRICS = ("dice", "cldice")
 SEEDS = (0, 1, 2)
 
 
@@ -69,47 +68,63 @@ def run(cmd: list[str], log: Path) -> float:
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}\n{log.read_text()[-3000:]}")
     return time.perf_counter() - started
 
 
-def shown(cmd: list[str]) -> str:
-    return " ".join(cmd).replace(sys.executable, "python").replace(str(REPO) + "/", "")
+def shown(cmd: list[str], work: Path) -> str:
+    return (" ".join(cmd).replace(sys.executable, "python").replace(str(work), "runs/table")
+            .replace(str(REPO) + "/", ""))
+
+
+def compare(per_image_a: dict, per_image_b: dict, names: list[str], metric: str, a: str, b: str) -> dict:
+    cmp = paired_compare({n: per_image_a[n] for n in names}, {n: per_image_b[n] for n in names},
+                         metric=metric, name_a=a, name_b=b)
+    return {"diff": cmp["mean_diff"], "p": cmp["p"], "ci_low": cmp["ci_low"], "ci_high": cmp["ci_high"],
+            "n_needed": cmp["n_needed"], "sentence": cmp["sentence"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/table")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--baseline", default=str(REPO / "assets" / "baseline"))
+    parser.add_argument("--n-test", type=int, default=200, help="held-out images (>= 200 for the table)")
+    parser.add_argument("--n-train", type=int, default=200, help="images for the pairs (a smaller run: a dry run)")
     parser.add_argument("--results", default="docs/results.json")
-    parser.add_argument("--bench", help="reuse the baseline/ and pairs/ of an existing demo output folder")
+    parser.add_argument("--details", default="docs/results_details.json")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     py = sys.executable
     recipes = args.recipes.split(",")
+    if "sft" not in recipes:
+        raise SystemExit("--recipes must include sft (the control every row is compared with)")
 
-    # 1. The demo's benchmark (baseline, data, pairs): run the demo with no training steps of its own.
-    bench = Path(args.bench).resolve() if args.bench else work / "bench"
+    # 1. The demo's benchmark (baseline, data, pairs): the demo stopped after curation.
+    bench = work / "bench"
+    bench_cmd = [py, "-m", "sa2va.demo", "--out", str(bench), "--baseline", str(args.baseline),
+                 "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--stop-after", "pairs"]
     if not (bench / "pairs" / "dpo_annotations.json").is_file():
         shutil.rmtree(bench, ignore_errors=True)
-        run([py, "-m", "sa2va.demo", "--out", str(bench), "--stop-after", "pairs"], work / "logs" / "bench.log")
+        run(bench_cmd, work / "logs" / "bench.log")
     baseline, pairs = bench / "baseline", bench / "pairs"
 
     # 2. Training: every recipe x seed, in parallel.
     jobs = []
     for name in recipes:
-        cfg, extra, _ = RECIPES[name]
+        cfg, extra, _, _ = RECIPES[name]
         for seed in SEEDS:
             out = work / "runs" / f"{name}_s{seed}"
             cmd = [py, "train_dpo.py", "--cfg", cfg, f"model.path={baseline}", f"data.root={pairs}",
-                   f"output_dir={out}", f"train.seed={seed}", *COMMON, *extra]
+                   f"output_dir={out}", f"train.seed={seed}", f"device={args.device}", *COMMON, *extra]
             jobs.append((name, seed, out, cmd))
     commands: dict[str, list[str]] = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = []
         for name, seed, out, cmd in jobs:
-            commands.setdefault(name, []).append(shown(cmd))
+            commands.setdefault(name, []).append(shown(cmd, work))
             if not (out / "final" / "model.safetensors").is_file():
                 shutil.rmtree(out, ignore_errors=True)
                 futures.append(pool.submit(run, cmd, work / "logs" / f"train_{name}_s{seed}.log"))
@@ -119,7 +134,7 @@ def main() -> None:
     # 3. Evaluation on the held-out images.
     def evaluate(model: Path, out: Path, tag: str) -> list[str]:
         cmd = [py, "evaluate.py", "--model", str(model), "--data", str(pairs), "--out", str(out),
-               "--trust-remote-code", "--device", "cpu", "--batch-size", "8"]
+               "--trust-remote-code", "--device", args.device, "--batch-size", "8"]
         if not (out / "results.json").is_file():
             run(cmd, work / "logs" / f"eval_{tag}.log")
         return cmd
@@ -129,49 +144,61 @@ def main() -> None:
         base_future = pool.submit(evaluate, baseline, evals / "baseline", "baseline")
         eval_futures = {(name, seed): pool.submit(evaluate, out / "final", evals / f"{name}_s{seed}", f"{name}_s{seed}")
                         for name, seed, out, _ in jobs}
-        base_cmd = base_future.result()
-        eval_cmds = {k: shown(f.result()) for k, f in eval_futures.items()}
+        base_cmd = shown(base_future.result(), work)
+        eval_cmds = {k: shown(f.result(), work) for k, f in eval_futures.items()}
 
-    # 4. The table.
+    # 4. The table: per-image metrics averaged over seeds, compared image by image.
     base = json.loads((evals / "baseline" / "results.json").read_text())
-    table = {"baseline": {"description": "the shipped baseline (supervised tiny Sa2VA)",
-                          "n_images": base["n"],
-                          **{m: {"mean": base["metrics"][m]["mean"], "ci_low": base["metrics"][m]["ci_low"],
-                                 "ci_high": base["metrics"][m]["ci_high"]} for m in METRICS},
-                          "command": shown(base_cmd)}}
+    names = sorted(base["per_image"])
+    per_image = {"baseline": {m: {n: base["per_image"][n][m] for n in names} for m in METRICS}}
+    seed_means: dict[str, dict[str, list[float]]] = {}
     for name in recipes:
-        per_seed = [json.loads((evals / f"{name}_s{seed}" / "results.json").read_text()) for seed in SEEDS]
-        row: dict = {"description": RECIPES[name][2], "train_commands": commands[name],
-                     "eval_commands": [eval_cmds[(name, s)] for s in SEEDS]}
+        runs = [json.loads((evals / f"{name}_s{s}" / "results.json").read_text()) for s in SEEDS]
+        per_image[name] = {m: {n: float(np.mean([r["per_image"][n][m] for r in runs])) for n in names}
+                           for m in METRICS}
+        seed_means[name] = {m: [r["metrics"][m]["mean"] for r in runs] for m in METRICS}
+
+    rows, details = [], []
+    for name in ["baseline", *recipes]:
+        row = {"recipe": name, "kind": "baseline" if name == "baseline" else RECIPES[name][2]}
+        detail: dict = {"recipe": name, "n_images": len(names),
+                        "description": "the converged baseline" if name == "baseline" else RECIPES[name][3]}
         for m in METRICS:
-            names = sorted(base["per_image"])
-            averaged = {n: float(np.mean([r["per_image"][n][m] for r in per_seed])) for n in names}
-            cmp = paired_compare({n: base["per_image"][n][m] for n in names}, averaged, metric=m,
-                                 name_a="baseline", name_b=name)
-            row[m] = {"mean": float(np.mean([r["metrics"][m]["mean"] for r in per_seed])),
-                      "seed_means": [r["metrics"][m]["mean"] for r in per_seed],
-                      "diff": cmp["mean_diff"], "diff_ci_low": cmp["ci_low"], "diff_ci_high": cmp["ci_high"],
-                      "p": cmp["p"], "sentence": cmp["sentence"]}
-        row["dice_p_per_seed"] = [
-            paired_compare({n: base["per_image"][n]["dice"] for n in base["per_image"]},
-                           {n: r["per_image"][n]["dice"] for n in base["per_image"]}, metric="dice")["p"]
-            for r in per_seed]
-        table[name] = row
-    Path(args.results).write_text(json.dumps(table, indent=2) + "\n")
-    print(markdown(table))
+            row[m] = float(np.mean(list(per_image[name][m].values())))
+        for key, other in (("vs_sft", "sft"), ("vs_baseline", "baseline")):
+            if name == other:
+                row[key] = None
+                continue
+            full = {m: compare(per_image[other][m], per_image[name][m], names, m, other, name) for m in METRICS}
+            row[key] = {m: {"diff": full[m]["diff"], "p": full[m]["p"]} for m in METRICS}
+            detail[key] = full
+        row["commands"] = [base_cmd] if name == "baseline" else commands[name] + [eval_cmds[(name, s)] for s in SEEDS]
+        if name != "baseline":
+            detail["seed_means"] = seed_means[name]
+        rows.append(row)
+        details.append(detail)
+    bench_shown = shown(bench_cmd, work)
+    table_cmd = shown([py, *sys.argv], work)
+    Path(args.results).write_text(json.dumps({"rows": rows, "commands": [bench_shown, table_cmd]}, indent=2) + "\n")
+    Path(args.details).write_text(json.dumps(details, indent=2) + "\n")
+    print(markdown(rows, details))
 
 
-def markdown(table: dict) -> str:
-    lines = ["| recipe | Dice | IoU | precision | recall | clDice | Dice vs baseline (95% CI) | p (Dice) | p (clDice) |",
+def markdown(rows: list[dict], details: list[dict]) -> str:
+    lines = ["| recipe | kind | Dice | clDice | Dice vs SFT (95% CI), p | clDice vs SFT (95% CI), p | images needed (Dice, clDice) | Dice vs baseline, p | clDice vs baseline, p |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, row in table.items():
-        cells = [f"{row[m]['mean']:.4f}" for m in METRICS]
-        if name == "baseline":
-            lines.append(f"| baseline | {' | '.join(cells)} | | | |")
-            continue
-        d = row["dice"]
-        lines.append(f"| {name} | {' | '.join(cells)} | {d['diff']:+.4f} ({d['diff_ci_low']:+.4f} to "
-                     f"{d['diff_ci_high']:+.4f}) | {d['p']:.2g} | {row['cldice']['p']:.2g} |")
+
+    def cell(d: dict) -> str:
+        return f"{d['diff']:+.4f} ({d['ci_low']:+.4f} to {d['ci_high']:+.4f}), p {d['p']:.2g}"
+
+    for row, detail in zip(rows, details):
+        sft = detail.get("vs_sft")
+        bl = detail.get("vs_baseline")
+        vs_sft = [cell(sft[m]) for m in METRICS] if sft else ["", ""]
+        needed = f"{sft['dice']['n_needed']}, {sft['cldice']['n_needed']}" if sft else ""
+        vs_bl = [f"{bl[m]['diff']:+.4f}, p {bl[m]['p']:.2g}" for m in METRICS] if bl else ["", ""]
+        lines.append(f"| {row['recipe']} | {row['kind']} | {row['dice']:.4f} | {row['cldice']:.4f} | "
+                     f"{' | '.join(vs_sft)} | {needed} | {' | '.join(vs_bl)} |")
     return "\n".join(lines)
 
 

@@ -1,9 +1,14 @@
 """Build the demo's baseline: the tiny checkpoint fine-tuned (supervised) on synthetic vessels.
 
-    python -m sa2va.baseline --out models/baseline [--steps 600] [--seed 0] [--size 128]
+    python -m sa2va.baseline --out models/baseline [--steps 4000] [--seed 0] [--size 128] [--device cuda]
 
 It plays the part of the user's `sa2va_vessel_hf`: a Sa2VA-format model already fine-tuned for
-vessels, competent but imperfect, from which preference training starts. Unlike the DPO
+vessels and trained to convergence, from which preference training starts.
+
+Convergence: held-out Dice (n_val images of their own seeds) is measured every `eval_every`
+steps; training stops when it has not beaten its best by at least `min_delta` for `patience`
+evaluations in a row (or at `steps`), and the best weights are kept. The curve is in the
+report (`curve`). Unlike the DPO
 recipe, this "pre-training" also trains the SAM2 image encoder: the tiny checkpoint's encoder
 starts random, and a real Sa2VA's does not. The LLM and ViT stay frozen.
 
@@ -40,26 +45,31 @@ def hard_dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2 * np.logical_and(pred, gt).sum() / denom)
 
 
-def build_baseline(out: str | Path, steps: int = 600, seed: int = 0, size: int = 128, n_train: int = 192,
-                   n_val: int = 32, batch: int = 8, lr: float = 2e-3, log=print) -> Path:
-    """Train and write the baseline folder; returns its path. Refuses a non-empty `out`."""
-    if steps < 1 or n_train < batch or n_val < 1:
-        raise UserError("need steps >= 1, n_train >= batch and n_val >= 1")
+def build_baseline(out: str | Path, steps: int = 4000, seed: int = 0, size: int = 128, n_train: int = 192,
+                   n_val: int = 64, batch: int = 8, lr: float = 2e-3, log=print, eval_every: int = 50,
+                   patience: int = 4, min_delta: float = 0.002, device: str = "cpu",
+                   max_minutes: float | None = None) -> Path:
+    """Train until held-out Dice stops improving and write the baseline folder; returns its path.
+    Refuses a non-empty `out`."""
+    if steps < 1 or n_train < batch or n_val < 1 or eval_every < 1 or patience < 1:
+        raise UserError("need steps >= 1, n_train >= batch, n_val >= 1, eval_every >= 1 and patience >= 1")
+    stop = (eval_every, patience, min_delta, device, max_minutes)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # determinism over speed for a shipped artefact
     try:
         with atomic_dir(out) as target, tempfile.TemporaryDirectory() as work:
-            return _build(Path(out), target, Path(work), steps, seed, size, n_train, n_val, batch, lr, log)
+            return _build(Path(out), target, Path(work), steps, seed, size, n_train, n_val, batch, lr, log, stop)
     finally:
         torch.set_num_threads(threads)
 
 
 def _build(final: Path, target: Path, work: Path, steps: int, seed: int, size: int, n_train: int, n_val: int,
-           batch: int, lr: float, log) -> Path:
+           batch: int, lr: float, log, stop: tuple) -> Path:
+    eval_every, patience, min_delta, device, max_minutes = stop
     started = time.perf_counter()
     torch.manual_seed(seed)
     tiny = write_tiny_checkpoint(work / "tiny", seed=seed)
-    sa2va = load_sa2va(tiny, trust_remote_code=True, device="cpu", dtype="float32")
+    sa2va = load_sa2va(tiny, trust_remote_code=True, device=device, dtype="float32")
     model = sa2va.model
     model.requires_grad_(False)
     sam2 = sa2va.sam2
@@ -75,9 +85,21 @@ def _build(final: Path, target: Path, work: Path, steps: int, seed: int, size: i
     samples = [make_sample(1000 + seed, i, size) for i in range(n_train + n_val)]
     train, val = samples[:n_train], samples[n_train:]
     inputs = [prepare_images(sa2va, [s[0]]) for s in train]  # preprocessing once; encoders run every step
-    masks = [torch.from_numpy(s[1].astype(np.float32))[None, None] for s in train]
+    masks = [torch.from_numpy(s[1].astype(np.float32))[None, None].to(sa2va.device) for s in train]
     generator = torch.Generator().manual_seed(seed)
+
+    def validate() -> list[float]:
+        from .model import predict_probabilities
+
+        model.eval()
+        probs = predict_probabilities(sa2va, [s[0] for s in val], batch_size=8, question=QUESTION, answer=ANSWER)
+        model.train()
+        return [hard_dice((p > 0.5) & fov, gt & fov) for p, (_, gt, fov) in zip(probs, val)]
+
+    curve: list[dict] = []
+    best, best_step, best_state, since_best, scores = -1.0, 0, None, 0, []
     model.train()
+    stopped = "steps"
     for step in range(steps):
         idx = torch.randint(0, n_train, (batch,), generator=generator).tolist()
         batch_inputs = _cat_inputs([inputs[i] for i in idx])
@@ -92,26 +114,42 @@ def _build(final: Path, target: Path, work: Path, steps: int, seed: int, size: i
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        if (step + 1) % 50 == 0 or step == 0:
-            log(f"baseline step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            now = validate()
+            curve.append({"step": step + 1, "val_dice": float(np.mean(now)), "loss": float(loss.item())})
+            log(f"baseline step {step + 1}/{steps}: loss {loss.item():.4f}, held-out Dice {np.mean(now):.4f} "
+                f"({time.perf_counter() - started:.0f} s)")
+            if np.mean(now) >= best + min_delta or best_state is None:
+                best, best_step, since_best, scores = float(np.mean(now)), step + 1, 0, now
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    log(f"converged: no gain of {min_delta} in held-out Dice for {patience} evaluations")
+                    stopped = "converged"
+                    break
+            if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+                log(f"time limit of {max_minutes} min: stopping before convergence")
+                stopped = "time limit"
+                break
+    stopped_at = step + 1
+    model.load_state_dict(best_state)  # the best evaluation's weights
     model.eval()
     model.requires_grad_(False)
-
-    with torch.no_grad():
-        from .model import predict_probabilities
-
-        probs = predict_probabilities(sa2va, [s[0] for s in val], batch_size=8, question=QUESTION, answer=ANSWER)
-    scores = [hard_dice((p > 0.5) & fov, gt & fov) for p, (_, gt, fov) in zip(probs, val)]
+    model.to("cpu")
     model.save_pretrained(str(target))
     for item in tiny.iterdir():  # remote code, tokenizer, the original config.json
         if item.is_file() and not item.name.endswith(".safetensors"):
             shutil.copy2(item, target / item.name)
-    report = {"steps": steps, "seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "batch": batch,
+    report = {"steps": steps, "stopped_at": stopped_at, "stopped_because": stopped, "best_step": best_step, "eval_every": eval_every,
+              "patience": patience, "min_delta": min_delta, "device": str(sa2va.device), "curve": curve,
+              "seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "batch": batch,
               "lr": lr, "val_dice_mean": float(np.mean(scores)), "val_dice_min": float(np.min(scores)),
               "val_dice_max": float(np.max(scores)), "seconds": round(time.perf_counter() - started, 1),
-              "command": f"python -m sa2va.baseline --out {final} --steps {steps} --seed {seed} --size {size}"}
+              "command": f"python -m sa2va.baseline --out {final} --steps {steps} --seed {seed} --size {size}"
+                         f" --device {sa2va.device.type}"}
     (target / "baseline_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"baseline held-out Dice {report['val_dice_mean']:.4f} on {n_val} synthetic images "
+    log(f"baseline held-out Dice {report['val_dice_mean']:.4f} (step {best_step}) on {n_val} synthetic images "
         f"({report['seconds']:.0f} s)")
     return final
 
@@ -126,13 +164,20 @@ def _cat_inputs(parts):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=4000, help="at most this many steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--n-train", type=int, default=192)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
+    parser.add_argument("--patience", type=int, default=4, help="evaluations without a gain before stopping")
+    parser.add_argument("--min-delta", type=float, default=0.002, help="the held-out Dice gain that counts")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--max-minutes", type=float, help="stop (keeping the best weights) after this long")
     args = parser.parse_args(argv)
-    build_baseline(args.out, steps=args.steps, seed=args.seed, size=args.size, n_train=args.n_train, lr=args.lr)
+    build_baseline(args.out, steps=args.steps, seed=args.seed, size=args.size, n_train=args.n_train, lr=args.lr,
+                   eval_every=args.eval_every, patience=args.patience, min_delta=args.min_delta, device=args.device,
+                   max_minutes=args.max_minutes)
     return 0
 
 

@@ -63,6 +63,13 @@ class DataConfig:
     max_samples: int | None = 500
     val_root: str | None = None  # a data set folder (images/ masks/ [fov/]) for held-out Dice
     val_max_images: int | None = 50
+    # Online DPO: every refresh_every optimizer steps (0 = never) the rejected masks are remade
+    # from the current policy: its mask at each threshold and refresh_samples Bernoulli draws,
+    # kept only where 1 - Dice(candidate, chosen) >= refresh_min_gap (the gap rule).
+    refresh_every: int = 0
+    refresh_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    refresh_samples: int = 0
+    refresh_min_gap: float = 0.15
 
 
 @dataclass
@@ -72,6 +79,10 @@ class LossConfig:
     mask_dpo: float = 0.0  # true DPO on the per-pixel Bernoulli likelihood, against the reference
     bce: float = 0.0  # supervised sigmoid BCE against the chosen mask
     dice: float = 0.0  # supervised soft Dice loss against the chosen mask
+    grpo: float = 0.0  # mask GRPO: masks sampled from the policy, scored by `reward` against the chosen mask
+    samples: int = 8  # GRPO group size: masks sampled per image from one forward
+    reward: str = "dice"  # GRPO reward: dice or cldice
+    kl: float = 0.05  # GRPO: weight of the exact per-pixel KL(policy || reference)
     beta: float = 0.2
     # How the mask log-likelihood ratio is normalised (beta's meaning depends on it):
     # sum = over all pixels; mean = divided by all pixels; mean_disagree = divided by the
@@ -319,9 +330,24 @@ def validate(cfg: Config) -> None:
          "must be one of auto, bfloat16, float16, float32")
     need("[SEG]" in cfg.model.answer, "model.answer", "must contain [SEG]")
     need(cfg.data.max_samples is None or cfg.data.max_samples > 0, "data.max_samples", "must be > 0 or null")
-    weights = [cfg.loss.dice_dpo, cfg.loss.mask_dpo, cfg.loss.bce, cfg.loss.dice]
+    weights = [cfg.loss.dice_dpo, cfg.loss.mask_dpo, cfg.loss.bce, cfg.loss.dice, cfg.loss.grpo]
     need(all(w >= 0 for w in weights), "loss", "weights must be >= 0")
-    need(sum(weights) > 0, "loss", "needs at least one weight > 0 (dice_dpo, mask_dpo, bce, dice)")
+    need(sum(weights) > 0, "loss", "needs at least one weight > 0 (dice_dpo, mask_dpo, bce, dice, grpo)")
+    need(cfg.loss.grpo == 0 or cfg.loss.samples >= 2, "loss.samples",
+         "must be >= 2 with loss.grpo (the advantage is normalised within each image's group of samples)")
+    need(cfg.loss.reward in ("dice", "cldice"), "loss.reward", "must be dice or cldice")
+    need(cfg.loss.kl >= 0, "loss.kl", "must be >= 0")
+    need(cfg.data.refresh_every >= 0, "data.refresh_every", "must be >= 0 (0 = rejected masks never refreshed)")
+    if cfg.data.refresh_every > 0:
+        need(cfg.loss.mask_dpo > 0 or cfg.loss.dice_dpo > 0, "data.refresh_every",
+             "refreshes rejected masks, which only loss.mask_dpo and loss.dice_dpo use: set one, or 0 here")
+        need(not cfg.model.random_weights, "data.refresh_every",
+             "needs the model's predictions, and model.random_weights has none: set it to 0")
+        need(bool(cfg.data.refresh_thresholds) or cfg.data.refresh_samples > 0, "data.refresh_every",
+             "needs model predictions to make rejected masks from: data.refresh_thresholds or data.refresh_samples")
+    need(all(0 < t < 1 for t in cfg.data.refresh_thresholds), "data.refresh_thresholds", "must lie in (0, 1)")
+    need(cfg.data.refresh_samples >= 0, "data.refresh_samples", "must be >= 0")
+    need(0 < cfg.data.refresh_min_gap <= 1, "data.refresh_min_gap", "must be in (0, 1]")
     need(cfg.loss.beta > 0, "loss.beta", "must be > 0")
     need(cfg.loss.mask_dpo_norm in ("sum", "mean", "mean_disagree"), "loss.mask_dpo_norm",
          "must be one of sum, mean, mean_disagree")

@@ -7,7 +7,7 @@ artefact in OUT:
   1. baseline/   the baseline Sa2VA-format model (shipped under assets/, or rebuilt)
   2. data/       synthetic vessel images (python -m sa2va.synth)
   3. pairs/      preference pairs from the baseline's own predictions (curate_data.py, min gap
-                 0.15) on the training split; the held-out split never enters them
+                 0.1) on the training split; the held-out split never enters them
   4. train/      preference training (train_dpo.py --cfg configs/demo.yaml)
   5. eval/       evaluate.py of the baseline and the trained model on the held-out split
   6. compare.json  evaluate.py --compare: paired differences, CIs, Wilcoxon p
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="synthetic image size")
     parser.add_argument("--seed", type=int, default=0, help="data seed (the baseline never saw these images)")
     parser.add_argument("--cfg", default="configs/demo.yaml", help="training recipe")
+    parser.add_argument("--min-gap", type=float, default=0.1,
+                        help="curation gap rule (the converged baseline's masks are within 0.15 of the truth)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--baseline", default=str(SHIPPED_BASELINE),
                         help="the baseline model folder (default: the shipped assets/baseline; rebuilt if missing)")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = out / "pairs"
     step("3. preference pairs from the baseline's own predictions",
          [py, "curate_data.py", "--data", data, "--out", pairs, "--model", baseline, "--trust-remote-code",
-          "--min-gap", "0.15", "--thresholds", "0.3,0.5,0.7", "--holdout-ids", holdout_file,
+          "--min-gap", args.min_gap, "--thresholds", "0.3,0.5,0.7", "--holdout-ids", holdout_file,
           "--seed", args.seed, "--device", "cpu"])
 
     if args.stop_after == "pairs":

@@ -1,7 +1,8 @@
-"""Mask losses: the seed's Dice-DPO, true mask DPO, and the supervised BCE + Dice.
+"""Mask losses: the seed's Dice-DPO, true mask DPO, mask GRPO, and the supervised BCE + Dice.
 
 All take mask logits z (B, 1, H, W) and binary masks of the same shape (float 0/1):
-chosen w (the ground truth), rejected l. One policy forward scores both masks.
+chosen w (the ground truth), rejected l. One policy forward scores both masks; GRPO samples
+its masks from the same forward's per-pixel Bernoulli.
 """
 
 from __future__ import annotations
@@ -94,8 +95,75 @@ def bernoulli_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
     return kl.flatten(1).mean(1)
 
 
+REWARDS = ("dice", "cldice")
+
+
+def sample_masks(logits: Tensor, samples: int, generator: torch.Generator | None = None) -> Tensor:
+    """`samples` masks (K, B, 1, H, W) drawn pixel by pixel from Bernoulli(sigmoid(z)).
+
+    One forward gives the whole policy: a mask is a draw of every pixel independently.
+    The draws come from `generator` (the run's sampling RNG, saved in checkpoints).
+    """
+    prob = torch.sigmoid(logits.detach().float())
+    u = torch.rand((samples, *prob.shape), generator=generator, device=prob.device)
+    return (u < prob).float()
+
+
+def mask_rewards(masks: Tensor, truth: Tensor, reward: str) -> Tensor:
+    """Reward (K, B) of each sampled mask (K, B, 1, H, W) against the truth (B, 1, H, W):
+    hard Dice (both empty = 1), or clDice as sa2va.metrics computes it (skeletons, on the CPU)."""
+    if reward == "dice":
+        inter = (masks * truth).flatten(2).sum(2)
+        total = masks.flatten(2).sum(2) + truth.flatten(1).sum(1)
+        return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    if reward == "cldice":
+        from .metrics import image_metrics
+
+        m = masks.bool().cpu().numpy()
+        t = truth.bool().cpu().numpy()
+        values = [[image_metrics(m[k, b, 0], t[b, 0])["cldice"] for b in range(m.shape[1])] for k in range(m.shape[0])]
+        return torch.tensor(values, dtype=torch.float32, device=masks.device)
+    raise ValueError(f"unknown reward {reward!r} (known: {', '.join(REWARDS)})")
+
+
+def bernoulli_entropy(logits: Tensor) -> Tensor:
+    """Per-sample mean over pixels of the Bernoulli entropy (nats), (B,)."""
+    z = logits.float()
+    p = torch.sigmoid(z)
+    return -(p * F.logsigmoid(z) + (1 - p) * F.logsigmoid(-z)).flatten(1).mean(1)
+
+
+def grpo_terms(logits: Tensor, ref_logits: Tensor, truth: Tensor, samples: int, reward: str, kl: float,
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Mask GRPO: a group of masks sampled from the policy, scored, advantages normalised.
+
+    Per image: K masks m_k ~ pi = Bernoulli(sigmoid(z)); reward r_k = Dice or clDice to the
+    truth; A_k = (r_k - mean r) / (std r + eps) within the image's group; loss =
+    -mean_k A_k * log pi(m_k) / pixels + kl * KL(pi || pi_ref) per pixel (exact: both are
+    per-pixel Bernoullis, the reference's logits cached). A group whose rewards are all equal
+    has A = 0 and only the KL term pulls. Returns per-sample tensors (B,).
+    """
+    z = logits.float()
+    masks = sample_masks(z, samples, generator)
+    rewards = mask_rewards(masks, truth, reward)  # (K, B), no gradient
+    spread = rewards.std(0, unbiased=False)
+    advantage = (rewards - rewards.mean(0)) / (spread + 1e-6)
+    # log pi(m_k) per pixel, (K, B): the sampled masks broadcast against the one forward.
+    logp = (masks * F.logsigmoid(z) + (1 - masks) * F.logsigmoid(-z)).flatten(2).mean(2)
+    policy_gradient = -(advantage * logp).mean(0)
+    divergence = bernoulli_kl(z, ref_logits)
+    return {
+        "loss": policy_gradient + kl * divergence,
+        "reward_mean": rewards.mean(0),
+        "reward_std": spread,
+        "sample_dice": rewards.mean(0) if reward == "dice" else mask_rewards(masks, truth, "dice").mean(0),
+        "kl": divergence.detach(),
+    }
+
+
 def combined_loss(
-    cfg: LossConfig, logits: Tensor, chosen: Tensor, rejected: Tensor, ref_logits: Tensor | None
+    cfg: LossConfig, logits: Tensor, chosen: Tensor, rejected: Tensor, ref_logits: Tensor | None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted sum of the configured parts, and per-sample metrics to log (all (B,))."""
     parts: dict[str, Tensor] = {}
@@ -109,6 +177,13 @@ def combined_loss(
         terms = mask_dpo_terms(logits, ref_logits, chosen, rejected, cfg.beta, cfg.mask_dpo_norm)
         parts["loss_mask_dpo"] = terms["loss"]
         total = total + cfg.mask_dpo * terms["loss"]
+    grpo = None
+    if cfg.grpo > 0:
+        if ref_logits is None:
+            raise ValueError("grpo needs reference logits")
+        grpo = grpo_terms(logits, ref_logits, chosen, cfg.samples, cfg.reward, cfg.kl, generator)
+        parts["loss_grpo"] = grpo["loss"]
+        total = total + cfg.grpo * grpo["loss"]
     if cfg.bce > 0:
         parts["loss_bce"] = bce_loss(logits, chosen)
         total = total + cfg.bce * parts["loss_bce"]
@@ -123,11 +198,17 @@ def combined_loss(
         metrics = {k: v.detach() for k, v in parts.items()}
         metrics["dice_chosen"] = soft_dice(hard, chosen, eps=1e-8)
         metrics["dice_rejected"] = soft_dice(hard, rejected, eps=1e-8)
+        if grpo is not None:
+            metrics["grpo_reward_mean"] = grpo["reward_mean"]
+            metrics["grpo_reward_std"] = grpo["reward_std"]
+            metrics["sample_dice"] = grpo["sample_dice"]
+            metrics["entropy"] = bernoulli_entropy(logits)
         if ref_logits is not None:
+            metrics["kl_ref"] = bernoulli_kl(logits, ref_logits)
+        if ref_logits is not None and (cfg.mask_dpo > 0 or cfg.dice_dpo > 0):
             terms = mask_dpo_terms(logits, ref_logits, chosen, rejected, cfg.beta, cfg.mask_dpo_norm)
             metrics["reward_chosen"] = terms["reward_chosen"]
             metrics["reward_rejected"] = terms["reward_rejected"]
             metrics["reward_margin"] = terms["margin"]
             metrics["reward_accuracy"] = (terms["margin"] > 0).float()
-            metrics["kl_ref"] = bernoulli_kl(logits, ref_logits)
     return total, metrics

@@ -84,3 +84,21 @@ def test_print_config_cli():
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip().splitlines()[-1]]  # one line, no traceback
     assert "optim.nope" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "cfg, overrides, named",
+    [
+        ("grpo", ["loss.samples=1"], "loss.samples"),
+        ("grpo", ["loss.reward=iou"], "loss.reward"),
+        ("grpo", ["loss.kl=-1"], "loss.kl"),
+        ("grpo", ["data.refresh_every=5"], "data.refresh_every"),  # GRPO uses no rejected masks
+        ("online_dpo", ["model.random_weights=true"], "data.refresh_every"),  # no predictions to refresh from
+        ("online_dpo", ["data.refresh_thresholds=[]"], "data.refresh_every"),
+        ("online_dpo", ["data.refresh_thresholds=[1.5]"], "data.refresh_thresholds"),
+        ("online_dpo", ["data.refresh_min_gap=0"], "data.refresh_min_gap"),
+    ],
+)
+def test_online_and_grpo_keys_are_refused_by_name(cfg, overrides, named):
+    with pytest.raises(UserError, match=named.replace(".", r"\.")):
+        load_config(cfg, overrides)
