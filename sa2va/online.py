@@ -19,7 +19,7 @@ from .losses import sample_masks
 
 def mask_gap(rejected: Tensor, chosen: Tensor) -> float:
     """1 - Dice(rejected, chosen) as curation.gap computes it (XOR over the two sizes)."""
-    r, c = rejected.bool(), chosen.bool()
+    r, c = rejected.bool(), chosen.bool().to(rejected.device)
     total = int(r.sum()) + int(c.sum())
     return 0.0 if total == 0 else int((r ^ c).sum()) / total
 

@@ -23,13 +23,15 @@ def plot_training(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     panels = {
-        "losses.png": ("loss parts", [k for k in ("loss", "loss_mask_dpo", "loss_dice_dpo", "loss_bce", "loss_dice")]),
+        "losses.png": ("loss parts", [k for k in ("loss", "loss_mask_dpo", "loss_dice_dpo", "loss_grpo", "loss_bce", "loss_dice")]),
         "rewards.png": ("preference rewards (beta x mask log-likelihood ratio to the reference)",
                         ["reward_chosen", "reward_rejected", "reward_margin"]),
         "accuracy_kl.png": ("reward accuracy (margin > 0) and KL(policy || reference) per pixel",
                             ["reward_accuracy", "kl_ref"]),
-        "dice.png": ("Dice of the prediction to the chosen / rejected mask; held-out Dice",
-                     ["dice_chosen", "dice_rejected", "val_dice"]),
+        "dice.png": ("Dice of the prediction to the chosen / rejected mask; held-out Dice; online refresh gap",
+                     ["dice_chosen", "dice_rejected", "val_dice", "refresh_gap_mean"]),
+        "grpo.png": ("GRPO: reward mean and spread within groups, sampled-mask Dice, per-pixel entropy",
+                     ["grpo_reward_mean", "grpo_reward_std", "sample_dice", "entropy"]),
     }
     written = []
     for name, (title, keys) in panels.items():
@@ -52,3 +54,27 @@ def plot_training(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
             written.append(out / name)
         plt.close(fig)
     return written
+
+
+def plot_baseline_curve(report_file: str | Path, out_png: str | Path) -> Path:
+    """Held-out Dice and training loss over steps of `python -m sa2va.baseline` (its report's curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = json.loads(Path(report_file).read_text())
+    steps = [c["step"] for c in report["curve"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [c["val_dice"] for c in report["curve"]], marker="o", label=f"held-out Dice ({report['n_val']} images)")
+    ax.plot(steps, [c["loss"] for c in report["curve"]], marker=".", label="training loss (2 BCE + 0.5 Dice)")
+    ax.axvline(report["best_step"], color="grey", linestyle="--", label=f"kept: step {report['best_step']}")
+    ax.set_xlabel("step")
+    ax.set_title(f"baseline: stopped at step {report['stopped_at']} ({report['stopped_because']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out

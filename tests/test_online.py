@@ -117,7 +117,7 @@ def common(model, data, out, *extra):
 
 RECIPES = {
     # LoRA dropout stays on in both: the torch RNG and the sampling RNG must both resume.
-    "online_dpo": ["data.refresh_every=2", "data.refresh_min_gap=0.15", "optim.lr=1e-3"],
+    "online_dpo": ["data.refresh_every=2", "data.refresh_samples=2", "data.refresh_min_gap=0.15", "optim.lr=1e-3"],
     "grpo": ["loss.mask_dpo=0", "loss.grpo=1.0", "loss.samples=4", "optim.lr=1e-3"],
 }
 VOLATILE = ("samples_per_s", "peak_mem_gb")
@@ -149,7 +149,7 @@ def test_kill_and_resume_is_bit_identical(recipe, tiny_model, tiny_pairs, tmp_pa
         assert {"grpo_reward_mean", "grpo_reward_std", "entropy", "sample_dice", "kl_ref"} <= set(straight[0])
         assert straight[0]["grpo_reward_std"] > 0
     else:
-        # refreshed at steps 0, 2, 4: the masks in force follow the policy, all under the gap rule
+        # refreshed at steps 0, 2, 4 (thresholds + 2 samples: the sampling RNG resumes too), under the gap rule
         refreshed = [r for r in straight if "refresh_gap_mean" in r]
         assert [r["step"] for r in refreshed] == [1, 3, 5] and all(r["refresh_gap_mean"] >= 0.15 for r in refreshed)
         ckpts = tmp_path / "straight" / "checkpoints"
