@@ -354,9 +354,11 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
     state_options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
-    # GRPO's mask samples and online DPO's sampled rejected masks draw from their own RNG,
-    # one stream per rank, saved in every checkpoint.
+    # GRPO's mask samples draw from their own RNG, one stream per rank; online DPO's sampled
+    # rejected masks from one stream that is the same on every rank (every rank makes the same
+    # pairs). Both are saved in every checkpoint.
     sampling = torch.Generator(device=info.device).manual_seed(cfg.train.seed + 7919 * info.rank)
+    refresh_rng = torch.Generator(device=info.device).manual_seed(cfg.train.seed)
 
     def refresh_pairs() -> dict[str, float]:
         """Online DPO: every pair's rejected mask remade from the current policy (sa2va.online)."""
@@ -373,7 +375,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         wrapped.train()
         rejected[:], stats = online.refresh_rejected(
             image_logits, image_of_pair, chosen, rejected, cfg.data.refresh_thresholds, cfg.data.refresh_samples,
-            cfg.data.refresh_min_gap, sampling)
+            cfg.data.refresh_min_gap, refresh_rng)
         return stats
 
     step, best_dice, bad_in_a_row, skipped_total = 0, -1.0, 0, 0
@@ -393,6 +395,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
             ckpt.set_rng_state(rank_rng)
             if "sampling" in rank_rng:
                 sampling.set_state(rank_rng["sampling"])
+                refresh_rng.set_state(rank_rng["refresh"])
             if "rejected" in state:  # online DPO: the rejected masks in force at this step
                 rejected[:] = [m.to(r.device, r.dtype) for m, r in zip(online.unpack_masks(state["rejected"]), rejected)]
             meta = json.loads((last / "trainer_state.json").read_text())
@@ -406,7 +409,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
 
     def save(name_step: int, best: bool = False) -> None:
         model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=state_options)
-        rngs = dist.all_gather_objects({**ckpt.rng_state(), "sampling": sampling.get_state()})
+        rngs = dist.all_gather_objects({**ckpt.rng_state(), "sampling": sampling.get_state(),
+                                        "refresh": refresh_rng.get_state()})
         if info.is_main:
             trained = {policy.to_model_name(k): v for k, v in model_sd.items()}
             meta = {"step": name_step, "total_steps": total_steps, "epoch": name_step // steps_per_epoch,
