@@ -32,7 +32,7 @@ import torch
 from .errors import UserError, run_cli
 from .fileio import atomic_dir
 from .losses import bce_loss, dice_loss
-from .model import encode_images, load_sa2va, prepare_images, seg_logits, upsample_logits
+from .model import SegInputs, encode_images, load_sa2va, prepare_images, seg_logits, upsample_logits
 from .synth import make_sample
 from .tiny import write_tiny_checkpoint
 
@@ -102,7 +102,7 @@ def _build(final: Path, target: Path, work: Path, steps: int, seed: int, size: i
     stopped = "steps"
     for step in range(steps):
         idx = torch.randint(0, n_train, (batch,), generator=generator).tolist()
-        batch_inputs = _cat_inputs([inputs[i] for i in idx])
+        batch_inputs = SegInputs.cat([inputs[i] for i in idx])
         low = seg_logits(sa2va, encode_images(sa2va, batch_inputs), QUESTION, ANSWER)
         loss = 0.0
         for j, i in enumerate(idx):
@@ -152,13 +152,6 @@ def _build(final: Path, target: Path, work: Path, steps: int, seed: int, size: i
     log(f"baseline held-out Dice {report['val_dice_mean']:.4f} (step {best_step}) on {n_val} synthetic images "
         f"({report['seconds']:.0f} s)")
     return final
-
-
-def _cat_inputs(parts):
-    from .model import SegInputs
-
-    return SegInputs(torch.cat([p.vit_pixels for p in parts]), [t for p in parts for t in p.tiles],
-                     torch.cat([p.sam_pixels for p in parts]), [s for p in parts for s in p.sizes])
 
 
 def main(argv: list[str] | None = None) -> int:

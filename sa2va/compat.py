@@ -129,7 +129,7 @@ def _require_sentencepiece(folder: Path, module: str) -> None:
                         "not installed: pip install sentencepiece (it is in requirements.txt)") from None
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
     """Breakage 6: transformers 5.x ignores use_fast=False and converts tokenizer.model into the
     remote *fast* class, whose ids differ from the release's (every added token shifted). When
     tokenizer_config.json names a remote slow class as tokenizer_class, build that class itself."""
@@ -149,7 +149,7 @@ def load_tokenizer(folder: Path) -> Any:
                 and refs[0].rsplit(".", 1)[-1] == named:
             slow_ref = refs[0]
     if slow_ref is None:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     _require_sentencepiece(folder, slow_ref.split("--")[-1].rsplit(".", 1)[0])
     cls = get_class_from_dynamic_module(slow_ref, str(folder))
     return cls.from_pretrained(str(folder))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +52,7 @@ class Sa2VA:
     sam_size: int
     device: torch.device
     dtype: torch.dtype
+    sam_resample: int = Image.BICUBIC  # the filter predict_forward resizes the SAM2 input with
     img_context_token_id: int = -1  # the image token the vision features replace
     template: str = ""
     num_image_token: int = 0
@@ -171,7 +173,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
         first = (str(err).strip().splitlines() or [""])[0]
         raise UserError(f"cannot load the model in {folder}: {type(err).__name__}: {first}") from err
     try:
-        tokenizer = compat.load_tokenizer(folder)
+        tokenizer = compat.load_tokenizer(folder, trust_remote_code)
     except ImportError as err:
         # Known breakage 5: InternLM2 tokenizer code (8B/26B) imports modules moved in 5.x.
         raise UserError(f"cannot load the tokenizer of {folder}: {err}. The InternLM2 tokenizer code of "
@@ -197,12 +199,26 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
         family=family,
         seg_token_id=seg,
         sam_size=int(model.grounding_encoder.sam2_model.image_size),
+        sam_resample=sam_resize_filter(config, folder),
         device=dev,
         dtype=torch_dtype,
         **family.facts(model, tokenizer, folder, config),
     )
     selfcheck.check_loaded(sa2va)
     return sa2va
+
+
+SAM_RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def sam_resize_filter(config: dict[str, Any], folder: Path) -> int:
+    """How predict_forward resizes the image for SAM2. Every release family resizes with PIL's
+    default filter (bicubic, its `DirectResize`); a folder may declare otherwise in config.json's
+    `sam2_resize` (the project's own look-alikes say "bilinear", which their code uses)."""
+    name = config.get("sam2_resize", "bicubic")
+    if name not in SAM_RESIZE_FILTERS:
+        raise UserError(f"{folder / 'config.json'}: sam2_resize is {name!r}; known: {', '.join(SAM_RESIZE_FILTERS)}")
+    return SAM_RESIZE_FILTERS[name]
 
 
 # --------------------------------------------------------------------------- freezing and LoRA
@@ -289,6 +305,23 @@ class SegInputs:
     def layout(self, i: int) -> Any:
         return self.tiles[i] if self.layouts is None else self.layouts[i]
 
+    def pin_memory(self) -> "SegInputs":
+        """Page-locked copies, so the copy to the GPU does not stage through pageable memory."""
+        return SegInputs(self.vit_pixels.pin_memory(), self.tiles, self.sam_pixels.pin_memory(), self.sizes,
+                         self.layouts)
+
+    @staticmethod
+    def cat(parts: list["SegInputs"]) -> "SegInputs":
+        """Several prepared batches as one, in order (layouts kept: Qwen-VL's grids need them)."""
+        with_layouts = any(p.layouts is not None for p in parts)
+        return SegInputs(
+            vit_pixels=torch.cat([p.vit_pixels for p in parts]),
+            tiles=[t for p in parts for t in p.tiles],
+            sam_pixels=torch.cat([p.sam_pixels for p in parts]),
+            sizes=[s for p in parts for s in p.sizes],
+            layouts=[p.layout(i) for p in parts for i in range(len(p.tiles))] if with_layouts else None,
+        )
+
 
 def prepare_images(sa2va: Sa2VA, images: list[np.ndarray]) -> SegInputs:
     """Turn uint8 RGB arrays into the vision-tower input and the SAM2 input, as predict_forward does."""
@@ -298,7 +331,7 @@ def prepare_images(sa2va: Sa2VA, images: list[np.ndarray]) -> SegInputs:
         rows.append(pixels)
         counts.append(int(pixels.shape[0]))
         layouts.append(layout)
-        sam = sam_input(image, sa2va.sam_size, sa2va.family.sam_resample)
+        sam = sam_input(image, sa2va.sam_size, sa2va.sam_resample)
         sams.append(sa2va.model.grounding_encoder.preprocess_image(sam))
     return SegInputs(
         vit_pixels=torch.cat(rows),

@@ -15,17 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from .model import SegInputs, prepare_images
-
-
-def cat_inputs(parts: list[SegInputs]) -> SegInputs:
-    """Several prepared batches as one (the order kept)."""
-    return SegInputs(vit_pixels=torch.cat([p.vit_pixels for p in parts]),
-                     tiles=[t for p in parts for t in p.tiles],
-                     sam_pixels=torch.cat([p.sam_pixels for p in parts]),
-                     sizes=[s for p in parts for s in p.sizes])
 
 
 def prepared_chunks(sa2va: Any, images: list[np.ndarray], batch_size: int, workers: int | None = None,
@@ -36,10 +27,7 @@ def prepared_chunks(sa2va: Any, images: list[np.ndarray], batch_size: int, worke
 
     def one(image: np.ndarray) -> SegInputs:
         inputs = prepare_images(sa2va, [image])
-        if pin:  # page-locked: the copy to the GPU does not stage through pageable memory
-            inputs = SegInputs(inputs.vit_pixels.pin_memory(), inputs.tiles, inputs.sam_pixels.pin_memory(),
-                               inputs.sizes)
-        return inputs
+        return inputs.pin_memory() if pin else inputs
 
     starts = list(range(0, len(images), batch_size))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -55,4 +43,4 @@ def prepared_chunks(sa2va: Any, images: list[np.ndarray], batch_size: int, worke
         for k in range(len(starts)):
             start, futures = pending.popleft()
             submit(k + ahead)
-            yield start, cat_inputs([f.result() for f in futures])
+            yield start, SegInputs.cat([f.result() for f in futures])

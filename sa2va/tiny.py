@@ -272,6 +272,9 @@ def preset_config_dict(preset: str, family: str | None = None) -> dict:
         },
         "model_type": "sa2va_chat",
         "template": p["template"],
+        # The look-alike's predict_forward resizes the SAM2 input bilinearly (the release: bicubic);
+        # the suite reads this so that its training forward matches the folder's own inference.
+        "sam2_resize": "bilinear",
         "force_image_size": p["force_image_size"],
         "downsample_ratio": 0.5,
         "ps_version": "v2",

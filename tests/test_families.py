@@ -50,3 +50,20 @@ def test_post_init_repair_is_not_fooled_by_a_comment():
             "        self.x = 1\n\nclass N:\n    def __init__(self):\n        self.post_init()\n")
     assert not _init_calls_post_init(code, "M")
     assert _init_calls_post_init(code, "N")
+
+
+def test_sam2_resize_filter_is_the_release_default_unless_the_folder_declares_one(tmp_path):
+    from PIL import Image
+
+    from sa2va.model import sam_resize_filter
+
+    # The release's DirectResize uses PIL's default filter (bicubic); our look-alikes say bilinear.
+    assert sam_resize_filter({}, tmp_path) == Image.BICUBIC
+    assert sam_resize_filter({"sam2_resize": "bilinear"}, tmp_path) == Image.BILINEAR
+    with pytest.raises(UserError, match="sam2_resize"):
+        sam_resize_filter({"sam2_resize": "lanczos"}, tmp_path)
+
+
+def test_tiny_internvl_folder_declares_its_bilinear_resize(tiny_model):
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert config["sam2_resize"] == "bilinear"

@@ -288,7 +288,7 @@ def test_missing_sentencepiece_is_named(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import sentencepiece now fails
     with pytest.raises(UserError, match=r"tokenizer of .*tokenization_internlm2\.py\) needs the sentencepiece "
                                         r"package, which is not installed: pip install sentencepiece"):
-        compat.load_tokenizer(folder)
+        compat.load_tokenizer(folder, trust_remote_code=True)
 
 
 # --------------------------------------------------------------------------- train, export, evaluate

@@ -220,11 +220,11 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_model, tiny_
     original = train_dpo.combined_loss
     calls = {"n": 0}
 
-    def faulty(cfg, logits, chosen, rejected, ref):
+    def faulty(cfg, logits, chosen, rejected, ref, generator=None):
         # One pair per step: call n is step n. Step 2: NaN gradient with a finite loss;
         # steps 4, 5, 6: NaN loss. max_bad_steps=3 stops the run at step 6.
         calls["n"] += 1
-        loss, parts = original(cfg, logits, chosen, rejected, ref)
+        loss, parts = original(cfg, logits, chosen, rejected, ref, generator)
         if calls["n"] == 2:
             logits.register_hook(lambda g: torch.full_like(g, float("nan")))
         if calls["n"] >= 4:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -52,7 +51,6 @@ class Family:
     llm_path: str = ""  # dotted path of the LLM in the Sa2VA model (LoRA goes on it)
     vision_path: str = ""  # the frozen vision tower (may leave the GPU once features are cached)
     projector_path: str | None = None  # vision -> LLM projector that train_modules.mlp1 trains, if any
-    sam_resample: int = Image.BILINEAR  # how predict_forward resizes the image for SAM2
 
     # ---- detection and folder checks
     @classmethod

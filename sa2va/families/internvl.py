@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from ..errors import UserError

@@ -38,7 +38,6 @@ class QwenVLFamily(Family):
     llm_path = VLM_PATH + ".language_model"
     vision_path = VLM_PATH + ".visual"
     projector_path = None
-    sam_resample = Image.BICUBIC  # the release's DirectResize: PIL's default filter
 
     @classmethod
     def matches(cls, config: dict[str, Any]) -> bool:
