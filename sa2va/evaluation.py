@@ -447,6 +447,18 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
+def _write_masks(opts: EvalOptions, names: list[str], masks: dict) -> list[Path]:
+    """masks/ (or masks_<path>/): every image's predicted mask at its own size, 0/255 PNG."""
+    written = []
+    for p in opts.paths:
+        target = opts.out / _folder("masks", p, opts.headline)
+        with atomic_dir(target, overwrite=True) as tmp:
+            for name in names:
+                write_mask(tmp / f"{name}.png", _unpack(masks[p][name]))
+        written.append(target)
+    return written
+
+
 def _write_probs(opts: EvalOptions, names: list[str], probs: dict[str, bytes]) -> list[Path]:
     if not opts.save_probs:
         return []
@@ -463,12 +475,7 @@ def write_predictions(opts: EvalOptions, entries: list[ImageEntry], masks: dict,
     (prediction colour + legend), and predictions.json last; no results.json."""
     names = [e.name for e in entries]
     written: list[Path] = []
-    for p in opts.paths:
-        target = opts.out / _folder("masks", p, opts.headline)
-        with atomic_dir(target, overwrite=True) as tmp:
-            for name in names:
-                write_mask(tmp / f"{name}.png", _unpack(masks[p][name]))
-        written.append(target)
+    written += _write_masks(opts, names, masks)
     written += _write_probs(opts, names, probs)
     if opts.overlays:
         for p in opts.paths:
@@ -510,12 +517,7 @@ def write_outputs(opts: EvalOptions, entries: list[ImageEntry], rows: dict, gene
     written: list[Path] = []
     written += _write_probs(opts, names, probs or {})
     if opts.save_masks:
-        for p in opts.paths:
-            target = opts.out / _folder("masks", p, opts.headline)
-            with atomic_dir(target, overwrite=True) as tmp:
-                for name in names:
-                    write_mask(tmp / f"{name}.png", _unpack(masks[p][name]))
-            written.append(target)
+        written += _write_masks(opts, names, masks)
     if opts.overlays > 0:
         for p in opts.paths:
             target = opts.out / _folder("overlays", p, opts.headline)
