@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-# Keep the two CI cores for the test processes themselves.
+# One thread per test process: pytest-xdist runs one worker per CI core (pytest.ini).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Each xdist worker gets its own remote-code module cache: two processes copying the same remote
+# code into one cache folder at once could import a half-written file. Set before transformers is
+# imported; subprocesses (torchrun, the CLIs) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["HF_MODULES_CACHE"] = os.path.join(
+        tempfile.gettempdir(), f"sa2va-test-modules-{os.getppid()}-{os.environ['PYTEST_XDIST_WORKER']}")
 
 
 @pytest.fixture(scope="session")
