@@ -53,6 +53,7 @@ from sa2va.model import (
     load_sa2va,
     parameter_table,
     prepare_images,
+    projector_trained,
     upsample_logits,
 )
 
@@ -315,6 +316,8 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
     if cfg.train.cache_frozen and info.device.type == "cuda":
         # Every image is encoded: the frozen encoders (6B ViT + SAM2 at 26B) can leave the GPU.
         sa2va.vision.to("cpu")
+        if projector_trained(sa2va):  # Qwen-VL's trained merger sits inside the vision tower
+            sa2va.family.projector(sa2va.model).to(info.device)
         sa2va.sam2.image_encoder.to("cpu")
         torch.cuda.empty_cache()
 

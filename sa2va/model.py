@@ -244,7 +244,7 @@ def add_lora_and_freeze(sa2va: Sa2VA, lora: Any, train_modules: Any) -> None:
     projector = sa2va.family.projector(model)
     if train_modules.mlp1 and projector is None:
         raise UserError(f"config key train_modules.mlp1: the {sa2va.family.label} family has no trainable "
-                        "vision projector in this suite (its vision merger stays frozen); set it to false")
+                        "vision projector in this suite; set it to false")
     try:
         sa2va.llm = get_peft_model(sa2va.llm, peft_config)
     except ValueError as err:
@@ -403,7 +403,8 @@ class FrozenFeatures:
 
 
 def projector_trained(sa2va: Sa2VA) -> bool:
-    """True when the vision projector (InternVL's mlp1) trains: features are cached before it."""
+    """True when the vision projector (InternVL's mlp1, Qwen-VL's vision merger) trains: features
+    are cached before it."""
     projector = sa2va.family.projector(sa2va.model)
     return projector is not None and any(p.requires_grad for p in projector.parameters())
 
@@ -455,7 +456,7 @@ def seg_logits(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: st
 
     vit = features.vit.to(device)
     if projector_trained(sa2va):
-        vit = sa2va.family.projector(model)(vit)
+        vit = sa2va.family.project(sa2va, vit)
     hidden = sa2va.family.llm_hidden(sa2va, input_ids, attention, vit, features)
     seg_pos = (input_ids == sa2va.seg_token_id).int().argmax(dim=1)
     seg_hidden = hidden[torch.arange(batch, device=device), seg_pos]
@@ -527,7 +528,7 @@ class SegPolicy(nn.Module):
             "mask_decoder.": "grounding_encoder.sam2_model.sam_mask_decoder.",
         }
         if projector_trained(sa2va):
-            self.mlp1 = family.projector(sa2va.model)  # the vision projector, InternVL's mlp1
+            self.mlp1 = family.projector(sa2va.model)  # the vision projector: InternVL's mlp1, Qwen-VL's merger
             self.model_prefix["mlp1."] = f"{family.projector_path}."
         self._sa2va = [sa2va]  # a list hides it from nn.Module's registry
         self.question, self.answer = question, answer

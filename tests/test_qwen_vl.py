@@ -17,7 +17,7 @@ from PIL import Image
 from sa2va.config import load_config
 from sa2va.errors import UserError
 from sa2va.model import (SegPolicy, add_lora_and_freeze, encode_frozen, freeze_unreachable, load_sa2va,
-                         predict_probabilities, prepare_images, prompt_ids, seg_logits)
+                         predict_probabilities, prepare_images, projector_trained, prompt_ids, seg_logits)
 from sa2va.synth import make_sample
 
 QUESTION, ANSWER = "Please segment the blood vessels.", "It is [SEG]."
@@ -95,8 +95,37 @@ def test_forward_equals_the_release_models_teacher_forced_forward(family, reques
                                atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_reach_exactly_the_trained_parts(qwen3):
+@pytest.mark.parametrize("family", ["qwen25", "qwen3"])
+def test_merger_trained_caches_its_input_and_gives_the_same_forward(family, request):
+    """train_modules.mlp1 = the vision merger: the cache stops before it (one row per merged
+    patch, its patch features side by side, in image order: Qwen2.5-VL's window order undone),
+    the merger runs in the trained part, and the logits are those of the frozen-merger forward."""
     cfg = load_config("tiny")
+    sa2va = load_sa2va(request.getfixturevalue(family), trust_remote_code=True, device="cpu")
+    sa2va.model.requires_grad_(False)
+    inputs = prepare_images(sa2va, [make_sample(7, k, 96 + 32 * k)[0] for k in range(2)])  # 4 / 9 windows
+    merged = encode_frozen(sa2va, inputs)
+    with torch.no_grad():
+        expected = seg_logits(sa2va, merged, QUESTION, ANSWER)
+    cfg.train_modules.mlp1 = True
+    add_lora_and_freeze(sa2va, cfg.lora, cfg.train_modules)  # LoRA B starts at zero: the same function
+    assert projector_trained(sa2va)
+    cached = encode_frozen(sa2va, inputs)
+    visual = sa2va.model.model.model.visual
+    unit = visual.spatial_merge_size ** 2
+    width = sa2va.model.config.vision_config.hidden_size
+    assert cached.vit.shape == (merged.vit.shape[0], unit * width) and cached.tiles == merged.tiles
+    assert [x.shape for x in cached.extra] == [x.shape for x in merged.extra]  # deepstack rows line up
+    with torch.no_grad():
+        torch.testing.assert_close(seg_logits(sa2va, cached, QUESTION, ANSWER), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(seg_logits(sa2va, cached.select([1]), QUESTION, ANSWER), expected[1:],
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mlp1", [False, True])
+def test_gradients_reach_exactly_the_trained_parts(qwen3, mlp1):
+    cfg = load_config("tiny")
+    cfg.train_modules.mlp1 = mlp1
     sa2va = load_sa2va(qwen3, trust_remote_code=True, device="cpu")
     add_lora_and_freeze(sa2va, cfg.lora, cfg.train_modules)
     features = encode_frozen(sa2va, prepare_images(sa2va, [make_sample(7, k, 96)[0] for k in range(2)]))
@@ -114,29 +143,33 @@ def test_gradients_reach_exactly_the_trained_parts(qwen3):
     assert any(n.startswith("model.model.language_model.") and "lora_A" in n for n in got)
     assert any(n.startswith("model.model.language_model.") and "lora_B" in n for n in got)
     assert any("sam_mask_decoder" in n for n in got)
+    merger = {n for n, _ in sa2va.model.named_parameters() if n.startswith("model.model.visual.merger.")}
+    assert merger and (merger <= got if mlp1 else not merger & trained)  # every merger weight, or none
+    # The rest of the vision tower (Qwen3-VL's deepstack mergers too) stays frozen.
     assert not any(n.startswith(("model.model.visual.", "model.lm_head.", "grounding_encoder.sam2_model.image_encoder"))
-                   for n in trained)
+                   for n in trained - merger)
     # Names round-trip between the policy and the model (checkpoints and export use the model's).
     assert all(policy.to_model_name(policy.from_model_name(n)) == n for n in trained)
-    # The vision merger stays frozen for this family: asking to train it is refused in one line.
-    cfg.train_modules.mlp1 = True
-    with pytest.raises(UserError, match="train_modules.mlp1"):
-        add_lora_and_freeze(load_sa2va(qwen3, trust_remote_code=True, device="cpu"), cfg.lora, cfg.train_modules)
 
 
-def test_train_export_reload_and_both_evaluation_paths(qwen25, tiny_pairs, tmp_path):
+def test_train_with_the_merger_export_reload_and_both_evaluation_paths(qwen25, tiny_pairs, tmp_path):
     from safetensors import safe_open
 
     from sa2va.checkpoint import load_for_inference
     from sa2va.evaluation import main as evaluate_main
 
     out = tmp_path / "run"
+    # Everything that can train on this family: LoRA, text_hidden_fcs, mask decoder, vision merger.
     run_ok([sys.executable, "train_dpo.py", "--cfg", "tiny", f"model.path={qwen25}", f"data.root={tiny_pairs}",
-            f"output_dir={out}", "max_steps=2", "train.micro_batch_size=1", "train.save_every=0"])
+            f"output_dir={out}", "max_steps=2", "train.micro_batch_size=1", "train.save_every=0",
+            "train_modules.mlp1=true"])
     final = out / "final"
     # The export keeps the release's parameter names, so the release's code loads it.
-    names = lambda f: set(safe_open(str(f / "model.safetensors"), "pt").keys())  # noqa: E731
-    assert names(final) == names(qwen25)
+    tensors = lambda f: safe_open(str(f / "model.safetensors"), "pt")  # noqa: E731
+    assert set(tensors(final).keys()) == set(tensors(qwen25).keys())
+    moved = {k for k in tensors(final).keys() if k.startswith("model.model.visual.")
+             and not torch.equal(tensors(final).get_tensor(k), tensors(qwen25).get_tensor(k))}
+    assert moved and all(k.startswith("model.model.visual.merger.") for k in moved)  # the merger trained, alone
     images = [make_sample(8, k, 128)[0] for k in range(2)]
     exported = load_sa2va(final, trust_remote_code=True, device="cpu")
     trained = load_for_inference(out / "checkpoints" / "step_0000002", True, device="cpu")

@@ -15,8 +15,9 @@ config's fields), never from a folder name.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from torch import Tensor, nn
@@ -40,6 +41,18 @@ def set_module(root: nn.Module, path: str, value: nn.Module) -> None:
     setattr(get_module(root, parent) if parent else root, name, value)
 
 
+@contextlib.contextmanager
+def swapped(root: nn.Module, path: str, replacement: nn.Module) -> Iterator[None]:
+    """root.<path> replaced by `replacement` for the duration (the vision encoders run without
+    the projector while the projector trains)."""
+    original = get_module(root, path)
+    set_module(root, path, replacement)
+    try:
+        yield
+    finally:
+        set_module(root, path, original)
+
+
 class Family:
     """What one Sa2VA code family does differently. Subclasses set the class attributes and
     implement the methods; an instance lives in `Sa2VA.family` (stateless: facts about the
@@ -50,7 +63,9 @@ class Family:
     config_classes: tuple[str, ...] = ()  # auto_map AutoConfig class names that mean this family
     llm_path: str = ""  # dotted path of the LLM in the Sa2VA model (LoRA goes on it)
     vision_path: str = ""  # the frozen vision tower (may leave the GPU once features are cached)
-    projector_path: str | None = None  # vision -> LLM projector that train_modules.mlp1 trains, if any
+    # The vision -> LLM projector that train_modules.mlp1 trains (InternVL: mlp1; Qwen-VL: the
+    # vision merger), if any. When it trains, the frozen cache stops before it and `project` runs it.
+    projector_path: str | None = None
 
     # ---- detection and folder checks
     @classmethod
@@ -80,7 +95,8 @@ class Family:
                       with_projector: bool) -> tuple[Tensor, list[int], list[Tensor]]:
         """The frozen vision encoding of a batch: (features, feature rows per sample, extra
         per-layer features aligned with the rows (Qwen3-VL deepstack; else empty)).
-        with_projector=False leaves the trained projector out (it runs in `embed_image`)."""
+        with_projector=False leaves the trained projector out: the rows are then what `project`
+        takes (it runs in the trained part, `seg_logits`)."""
         raise NotImplementedError
 
     def prompt_ids(self, sa2va: "Sa2VA", layout: Any, question: str, answer: str) -> list[int]:
@@ -100,6 +116,10 @@ class Family:
     # ---- shared helpers
     def projector(self, model: nn.Module) -> nn.Module | None:
         return get_module(model, self.projector_path) if self.projector_path else None
+
+    def project(self, sa2va: "Sa2VA", vit: Tensor) -> Tensor:
+        """The trained projector on rows `encode_vision(with_projector=False)` returned."""
+        return self.projector(sa2va.model)(vit)
 
     def scatter_images(self, embeds: Tensor, input_ids: Tensor, token_id: int, image_embeds: Tensor) -> Tensor:
         """Overwrite the embeddings at the image-token positions with the image features."""

@@ -4,16 +4,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from torch import Tensor, nn
 
 from ..errors import UserError
 from ..preprocess import vit_tiles
-from . import Family
+from . import Family, swapped
 
 # The chat templates the release ships (the name is read from config.json at run time).
 TEMPLATES: dict[str, str] = {
@@ -22,16 +21,6 @@ TEMPLATES: dict[str, str] = {
     "phi3_chat": "<|user|>\n{input}<|end|>\n<|assistant|>\n",
 }
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-
-
-@contextlib.contextmanager
-def _swapped(module: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
-    original = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 class InternVLFamily(Family):
@@ -95,7 +84,7 @@ class InternVLFamily(Family):
         if with_projector:
             vit = model.extract_feature(pixels)
         else:  # mlp1 trains: the cache holds what goes into it
-            with _swapped(model, "mlp1", nn.Identity()):
+            with swapped(model, self.projector_path, nn.Identity()):
                 vit = model.extract_feature(pixels)
         return vit, [int(n) for n in layouts], []  # one row of `vit` per tile
 

@@ -7,11 +7,15 @@ The [SEG] forward here mirrors what the release's predict_forward feeds `model.g
             image processor with the model's min_pixels / max_pixels -> patches + (t, h, w) grid;
   prompt    the processor's chat template with one image and the text, `<|image_pad|>` repeated
             once per merged patch, then the teacher-forced answer;
-  frozen    the vision tower's merged image embeddings (and Qwen3-VL's deepstack features);
+  frozen    the vision tower's merged image embeddings (and Qwen3-VL's deepstack features); when
+            the vision merger trains (`train_modules.mlp1`), the tower's output before the merger:
+            one row per merged patch (its spatial_merge_size**2 patch features side by side), in
+            image order, so each row lines up with one `<|image_pad|>` and one deepstack row;
   LLM       input embeddings with the image embeddings scattered at `<|image_pad|>`, M-RoPE
             position ids from the grid through the model's own `get_rope_index`, the text model
             alone (no vocabulary logits).
-The vision merger stays frozen (`train_modules.mlp1` is refused for this family).
+`train_modules.mlp1` means the vision merger (`model.model.visual.merger`) for this family;
+Qwen3-VL's deepstack mergers stay frozen (their outputs are cached).
 """
 
 from __future__ import annotations
@@ -26,9 +30,24 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
-from . import Family, get_module
+from . import Family, get_module, swapped
 
 VLM_PATH = "model.model"  # Qwen2_5_VLModel / Qwen3VLModel inside Sa2VAChatModelQwen
+
+
+class _MergerInput(nn.Module):
+    """Stands in for the vision merger while the frozen features are computed: it returns the
+    merger's input with each merged patch's `unit` patch rows side by side (the merger itself
+    normalises each patch row, then reads `unit` consecutive rows as one). The vision tower then
+    puts these rows in image order as it does the merger's output (Qwen2.5-VL undoes its
+    window-attention order after the merger)."""
+
+    def __init__(self, unit: int):
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, self.unit * x.shape[-1])
 
 
 class QwenVLFamily(Family):
@@ -37,7 +56,7 @@ class QwenVLFamily(Family):
     config_classes = ("Sa2VAChatConfigQwen",)
     llm_path = VLM_PATH + ".language_model"
     vision_path = VLM_PATH + ".visual"
-    projector_path = None
+    projector_path = VLM_PATH + ".visual.merger"  # trained by train_modules.mlp1
 
     @classmethod
     def matches(cls, config: dict[str, Any]) -> bool:
@@ -81,6 +100,7 @@ class QwenVLFamily(Family):
 
     def parameter_groups(self) -> dict[str, str]:
         return {
+            "vision merger (mlp1)": VLM_PATH + ".visual.merger.",
             "vision (model.model.visual)": VLM_PATH + ".visual.",
             "LLM (LoRA)": VLM_PATH + ".language_model.",
             "lm_head": "model.lm_head.",
@@ -105,7 +125,12 @@ class QwenVLFamily(Family):
                       with_projector: bool) -> tuple[Tensor, list[int], list[Tensor]]:
         vlm = get_module(sa2va.model, VLM_PATH)
         grid = torch.tensor(layouts, dtype=torch.long, device=sa2va.device)
-        out = vlm.get_image_features(pixels.to(sa2va.device, sa2va.dtype), grid)
+        unit = self._merge(sa2va) ** 2
+        if with_projector:
+            out = vlm.get_image_features(pixels.to(sa2va.device, sa2va.dtype), grid)
+        else:  # the merger trains: the cache holds its input (see _MergerInput)
+            with swapped(sa2va.model, self.projector_path, _MergerInput(unit)):
+                out = vlm.get_image_features(pixels.to(sa2va.device, sa2va.dtype), grid)
         # transformers 5.x returns an output object; older releases a tuple (embeds[, deepstack])
         if hasattr(out, "pooler_output"):
             embeds, deep = out.pooler_output, getattr(out, "deepstack_features", None)
@@ -114,8 +139,13 @@ class QwenVLFamily(Family):
         else:
             embeds, deep = out, None
         cat = lambda x: torch.cat(list(x)) if isinstance(x, (list, tuple)) else x  # noqa: E731
-        rows = [int(t * h * w) // self._merge(sa2va) ** 2 for t, h, w in layouts]
+        rows = [int(t * h * w) // unit for t, h, w in layouts]
         return cat(embeds), rows, [cat(d) for d in (deep or [])]
+
+    def project(self, sa2va: Any, vit: Tensor) -> Tensor:
+        merger = self.projector(sa2va.model)
+        rows = vit.reshape(-1, vit.shape[-1] // self._merge(sa2va) ** 2)  # one patch per row again
+        return merger(rows.to(next(merger.parameters()).dtype))
 
     def prompt_ids(self, sa2va: Any, layout: Any, question: str, answer: str) -> list[int]:
         processor = sa2va.processor
