@@ -53,7 +53,7 @@ class LoraConfig:
 class TrainModulesConfig:
     text_hidden_fcs: bool = True
     mask_decoder: bool = True
-    mlp1: bool = False  # the seed froze it; training it means ViT features are cached before mlp1
+    mlp1: bool = False  # the vision projector (InternVL mlp1, Qwen-VL merger); trained: features cached before it
 
 
 @dataclass

@@ -67,3 +67,32 @@ def test_sam2_resize_filter_is_the_release_default_unless_the_folder_declares_on
 def test_tiny_internvl_folder_declares_its_bilinear_resize(tiny_model):
     config = json.loads((tiny_model / "config.json").read_text())
     assert config["sam2_resize"] == "bilinear"
+
+
+def test_internvl_mlp1_trained_caches_before_it_and_gives_the_same_forward(tiny_model):
+    """The shared projector interface on the InternVL family: the cache stops before mlp1, mlp1
+    runs in the trained part, the logits are those of the frozen-mlp1 forward, and only mlp1 of
+    the vision side gets gradients."""
+    import torch
+
+    from sa2va.config import load_config
+    from sa2va.model import add_lora_and_freeze, encode_frozen, load_sa2va, prepare_images, seg_logits
+    from sa2va.synth import make_sample
+
+    sa2va = load_sa2va(tiny_model, trust_remote_code=True, device="cpu")
+    sa2va.model.requires_grad_(False)
+    inputs = prepare_images(sa2va, [make_sample(3, k, 96)[0] for k in range(2)])
+    question, answer = "Please segment the blood vessels.", "It is [SEG]."
+    merged = encode_frozen(sa2va, inputs)
+    with torch.no_grad():
+        expected = seg_logits(sa2va, merged, question, answer)
+    cfg = load_config("tiny")
+    cfg.train_modules.mlp1 = True
+    add_lora_and_freeze(sa2va, cfg.lora, cfg.train_modules)
+    cached = encode_frozen(sa2va, inputs)
+    assert cached.vit.shape[-1] == sa2va.model.mlp1[0].normalized_shape[0] != merged.vit.shape[-1]
+    logits = seg_logits(sa2va, cached, question, answer)
+    torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=1e-5)
+    logits.float().square().mean().backward()
+    got = {n for n, p in sa2va.model.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
+    assert any(n.startswith("mlp1.") for n in got) and not any(n.startswith("vision_model.") for n in got)
