@@ -351,3 +351,87 @@ def fix_sam2_device(model: nn.Module) -> None:
 
     predictor._get_image_feature = _get_image_feature  # an instance attribute shadows the method
     predictor._sa2va_dpo_device_fix = True
+
+
+# --------------------------------------------------------------------------- InternLM2 attention speed
+# The release picks its attention class by llm_config.attn_implementation: "flash_attention_2"
+# when the flash-attn package is installed, else "eager" (InternLM2Attention: the score matrix in
+# float32 through softmax, keys and values repeated per head group). Without flash-attn, the same
+# arithmetic runs through torch's scaled_dot_product_attention (fused kernels, no score matrix kept
+# for backward). Set SA2VA_DPO_ATTENTION=eager to keep the release's eager path.
+ATTENTION_ENV = "SA2VA_DPO_ATTENTION"
+_SDPA_CLASSES: dict[type, type] = {}
+
+
+def _is_release_eager_attention(module: nn.Module) -> bool:
+    """The release's eager InternLM2Attention: fused wqkv laid out per key-value group, wo, a
+    release-style rotary embedding, and apply_rotary_pos_emb beside it in its module."""
+    return (type(module).__name__ == "InternLM2Attention"
+            and isinstance(getattr(module, "wqkv", None), nn.Linear) and isinstance(getattr(module, "wo", None), nn.Linear)
+            and all(isinstance(getattr(module, name, None), int)
+                    for name in ("num_heads", "num_key_value_heads", "num_key_value_groups", "head_dim"))
+            and is_release_rotary(getattr(module, "rotary_emb", None) or nn.Module())
+            and callable(getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)))
+
+
+def _with_sdpa(base: type) -> type:
+    """`base` whose forward computes the same attention with F.scaled_dot_product_attention."""
+    apply_rotary_pos_emb = sys.modules[base.__module__].apply_rotary_pos_emb
+
+    def forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_value: Any = None, output_attentions: bool = False,
+                use_cache: bool = False, **kwargs: Any) -> tuple[Tensor, None, Any]:
+        if output_attentions:  # only the eager path has the weights to return
+            return base.forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_value=past_key_value, output_attentions=True, use_cache=use_cache, **kwargs)
+        bsz, q_len, _ = hidden_states.shape
+        groups, kv_heads, head_dim = self.num_key_value_groups, self.num_key_value_heads, self.head_dim
+        # per key-value group: its query heads, then its key, then its value (the release's layout)
+        qkv = self.wqkv(hidden_states).view(bsz, q_len, kv_heads, groups + 2, head_dim)
+        query = qkv[..., :groups, :].reshape(bsz, q_len, self.num_heads, head_dim).transpose(1, 2)
+        key = qkv[..., -2, :].transpose(1, 2)
+        value = qkv[..., -1, :].transpose(1, 2)
+        past_len = past_key_value[0].shape[-2] if past_key_value is not None else 0
+        cos, sin = self.rotary_emb(value, seq_len=past_len + q_len)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin, position_ids)
+        if past_key_value is not None:
+            key = torch.cat([past_key_value[0], key], dim=2)
+            value = torch.cat([past_key_value[1], value], dim=2)
+        present = (key, value) if use_cache else None
+        # query head h reads key-value head h // groups, as the release's repeat does
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+        mask, causal = attention_mask, False
+        if mask is None and q_len > 1:  # the release's eager model always passes one; be safe anyway
+            if past_len == 0:
+                causal = True
+            else:
+                mask = torch.ones(q_len, past_len + q_len, dtype=torch.bool, device=query.device).tril(past_len)
+        elif mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
+            mask = mask.to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal)
+        out = out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * head_dim)
+        return self.wo(out), None, present
+
+    return type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__, "_sa2va_dpo_sdpa": True})
+
+
+def use_sdpa_attention(model: nn.Module) -> int:
+    """Give every eager InternLM2Attention of `model` the SDPA forward (same weights, same
+    arithmetic up to rounding; the weights are returned by the eager path when asked for).
+    Nothing changes with SA2VA_DPO_ATTENTION=eager, or where the release runs flash attention.
+    Returns the number of attention modules switched."""
+    import os
+
+    if os.environ.get(ATTENTION_ENV, "sdpa").strip().lower() == "eager":
+        return 0
+    switched = 0
+    for module in model.modules():
+        base = type(module)
+        if getattr(base, "_sa2va_dpo_sdpa", False) or not _is_release_eager_attention(module):
+            continue
+        if base not in _SDPA_CLASSES:
+            _SDPA_CLASSES[base] = _with_sdpa(base)
+        module.__class__ = _SDPA_CLASSES[base]
+        switched += 1
+    return switched

@@ -184,6 +184,7 @@ def load_sa2va(path: str | Path, trust_remote_code: bool, device: str = "auto", 
     model._count = 0  # known breakage 3: the release's training forward reads it
     compat.fix_meta_buffers(model, dev)
     compat.restore_rotary_buffers(model)
+    compat.use_sdpa_attention(model)  # the release's eager InternLM2 attention, fused
     compat.enable_generation(model)
     compat.fix_tied_weights_keys(model)
     compat.fix_sam2_device(model)

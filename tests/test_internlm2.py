@@ -207,6 +207,62 @@ def test_generate_works_and_its_cache_changes_nothing(loaded):
     assert len(out["prediction_masks"]) == 1 and out["prediction_masks"][0].shape == (1, 48, 64)
 
 
+def _attention_classes(sa2va, eager: bool) -> None:
+    """Put the loaded LLM's attention modules on the release's eager class (or back on SDPA)."""
+    from sa2va import compat
+
+    for module in sa2va.llm.modules():
+        cls = type(module)
+        if getattr(cls, "_sa2va_dpo_sdpa", False) and eager:
+            module.__class__ = cls.__mro__[1]
+        elif not eager and cls in compat._SDPA_CLASSES:
+            module.__class__ = compat._SDPA_CLASSES[cls]
+
+
+def test_sdpa_attention_equals_the_release_eager_one(loaded, monkeypatch):
+    """compat.use_sdpa_attention: the same hidden states, input gradients and cached generation
+    as the release's eager attention, with left and right padding."""
+    from sa2va import compat
+
+    n_layers = len(loaded.llm.model.layers)
+    assert sum(getattr(type(m), "_sa2va_dpo_sdpa", False) for m in loaded.llm.modules()) == n_layers
+    decoder = loaded.llm.model
+    ids = torch.tensor(loaded.tokenizer([QUESTION, ANSWER, QUESTION + " " + ANSWER], add_special_tokens=False,
+                                        padding="longest")["input_ids"])
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    embeds = decoder.get_input_embeddings()(ids).detach()
+
+    def run(eager: bool):
+        _attention_classes(loaded, eager)
+        try:
+            x = embeds.clone().requires_grad_(True)
+            hidden = decoder(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+            (hidden * mask[..., None]).square().sum().backward()
+            with torch.no_grad():
+                tokens = loaded.llm.generate(inputs_embeds=embeds[:1, :5], attention_mask=mask[:1, :5],
+                                             max_new_tokens=5, do_sample=False, output_scores=True,
+                                             return_dict_in_generate=True)
+            return hidden.detach(), x.grad, tokens.sequences, torch.stack(tokens.scores)
+        finally:
+            _attention_classes(loaded, False)
+
+    eager, sdpa = run(True), run(False)
+    valid = mask.bool()
+    assert (eager[0][valid] - sdpa[0][valid]).abs().max().item() < 1e-5  # padded query rows are never read
+    grad = eager[1][valid]
+    assert (grad - sdpa[1][valid]).abs().max().item() < 1e-4 * grad.abs().max().item()  # float32 sums
+    assert torch.equal(eager[2], sdpa[2])
+    assert (eager[3] - sdpa[3]).abs().max().item() < 1e-4
+    monkeypatch.setenv(compat.ATTENTION_ENV, "eager")  # the opt-out switches nothing
+    _attention_classes(loaded, True)
+    try:
+        assert compat.use_sdpa_attention(loaded.model) == 0
+    finally:
+        _attention_classes(loaded, False)
+
+
 def test_sharded_bin_weights_load_the_same(folder, loaded, tmp_path):
     from safetensors.torch import load_file
 
