@@ -339,7 +339,7 @@ def train(cfg: Config, info: dist.DistInfo, resume: bool = False) -> None:
         else:
             log0(info, f"compile: {len(policy.decoder_layers())} LLM layers compiled in "
                        f"{time.perf_counter() - started:.0f} s")
-    wrapped = dist.wrap_policy(policy, cfg.dist.strategy, info, policy.decoder_layers())
+    wrapped = dist.wrap_policy(policy, cfg.dist.strategy, info, policy.decoder_layers(), cfg.dist.fsdp_gather)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     fused = cfg.optim.fused and info.device.type == "cuda"
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,

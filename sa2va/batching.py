@@ -298,7 +298,8 @@ def plan_run(cfg: Any, device: torch.device, world_size: int, image_paths: list[
         sizes = image_sizes(list(dict.fromkeys(str(p) for p in image_paths)))
         dtype_bytes = 4 if (cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device.type != "cuda")) else 2
         model = memory_model(shape, t, cfg.lora.r, cfg.loss.resolution, device.type, dtype_bytes, world_size,
-                             cfg.dist.strategy == "fsdp" and world_size > 1, sizes, n_pairs)
+                             cfg.dist.strategy == "fsdp" and world_size > 1 and cfg.dist.fsdp_gather == "per_use",
+                             sizes, n_pairs)
         budget, budget_from = memory_budget(device, t.memory_budget_gb)
         need_one = model.peak(1)
         if need_one > budget or (micro is not None and model.peak(micro) > budget):

@@ -137,10 +137,17 @@ class TilingConfig:
     overlap: int = 32  # pixels shared by neighbouring tiles, less than half a tile
 
 
+FSDP_GATHER = ("per_use", "per_step")
+
+
 @dataclass
 class DistConfig:
     strategy: str = "ddp"  # ddp or fsdp (FSDP2 fully_shard, for models that do not fit one GPU)
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    # fsdp: when the frozen layer weights are all-gathered. per_use = for each forward and again
+    # for each backward (least memory); per_step = once per optimizer step, kept across its
+    # micro-batches (the whole LLM resident during the step, as with DDP; fewer all-gathers)
+    fsdp_gather: str = "per_use"
 
 
 @dataclass
@@ -372,6 +379,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
     need(cfg.dist.strategy in ("ddp", "fsdp"), "dist.strategy", "must be ddp or fsdp")
     need(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo")
+    need(cfg.dist.fsdp_gather in FSDP_GATHER, "dist.fsdp_gather", f"must be one of {', '.join(FSDP_GATHER)}")
     need(cfg.max_steps is None or cfg.max_steps > 0, "max_steps", "must be > 0 or null")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")

@@ -93,8 +93,10 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def wrap_policy(policy: nn.Module, strategy: str, info: DistInfo, shard_layers: list[nn.Module]) -> nn.Module:
-    """DDP (frozen parameters stay out of the gradient buckets) or FSDP2 (`fully_shard`)."""
+def wrap_policy(policy: nn.Module, strategy: str, info: DistInfo, shard_layers: list[nn.Module],
+                fsdp_gather: str = "per_use") -> nn.Module:
+    """DDP (frozen parameters stay out of the gradient buckets) or FSDP2 (`fully_shard`, each
+    layer's weights gathered as `fsdp_gather` says: see set_fsdp_gather)."""
     if not info.enabled:
         return policy
     if strategy == "ddp":
@@ -113,7 +115,22 @@ def wrap_policy(policy: nn.Module, strategy: str, info: DistInfo, shard_layers: 
     for layer in shard_layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(policy, mesh=mesh)
+    set_fsdp_gather(policy, shard_layers, fsdp_gather)
     return policy
+
+
+def set_fsdp_gather(wrapped: nn.Module, shard_layers: list[nn.Module], mode: str) -> None:
+    """When an FSDP2-sharded layer's weights are all-gathered. "per_use": before each forward and
+    again before each backward, resharded after each (the least memory). "per_step": gathered at
+    the step's first forward and kept (no reshard after forward; no reshard after backward on the
+    accumulation micro-steps, see no_grad_sync) until the step's last backward: one all-gather per
+    layer per optimizer step instead of two per micro-batch, for the memory of the whole unsharded
+    LLM during the step. Gradients and optimizer states stay sharded either way."""
+    if mode not in ("per_use", "per_step"):
+        raise ValueError(f"fsdp gather mode {mode!r}: per_use or per_step")
+    for layer in shard_layers:
+        layer.set_reshard_after_forward(mode == "per_use")
+    wrapped._sa2va_gather_per_step = mode == "per_step"
 
 
 @contextlib.contextmanager
@@ -126,10 +143,15 @@ def no_grad_sync(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
         with wrapped.no_sync():
             yield
     elif hasattr(wrapped, "set_requires_gradient_sync"):
+        keep = getattr(wrapped, "_sa2va_gather_per_step", False)
         wrapped.set_requires_gradient_sync(False)
+        if keep:  # the next micro-batch reuses the gathered weights
+            wrapped.set_reshard_after_backward(False)
         try:
             yield
         finally:
             wrapped.set_requires_gradient_sync(True)
+            if keep:  # the step's last backward reshards
+                wrapped.set_reshard_after_backward(True)
     else:
         yield

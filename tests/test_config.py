@@ -53,6 +53,7 @@ def test_overrides_are_typed():
         ("train.grad_accum=0", "train.grad_accum"),
         ("loss.mask_dpo_norm=median", "loss.mask_dpo_norm"),
         ("dist.strategy=zero3", "dist.strategy"),
+        ("dist.fsdp_gather=never", "dist.fsdp_gather"),
         ("model.answer=hello", "model.answer"),
         ("nokey", "nokey"),
     ],
