@@ -31,7 +31,8 @@ Plan tokens (per preset; eager ones run first, then compiled, then multi-GPU):
   fsdpc     fsdp with the per-layer compile
   loop      what train_dpo.py's loop does since issue 17: opt with features, masks and reference
             logits on the GPU and one host sync per step (eager); fast = loop compiled (the default
-            on CUDA); ddpfast / fsdpfast = fast under DDP / FSDP2 on every rank
+            on CUDA); ddpfast / fsdpfast = fast under DDP / FSDP2 on every rank; fsdpstep =
+            fsdpfast with dist.fsdp_gather=per_step (each layer gathered once per optimizer step)
   evalc     eval with the LLM and ViT blocks compiled (sa2va.batching.compile_for_inference);
   evalcs    and SAM2's Hiera blocks too
   NAME@MB or NAME@MBxACCUM sets a variant's micro-batch (and accumulation), e.g. compile@32x1
@@ -73,7 +74,7 @@ WAIT_GROUP: list[Any] = [None]  # a gloo group for the long wait of rank 1 (set 
 FAMILY: list[str | None] = [None]  # --family (set in main)
 EAGER_VARIANTS = ("naive", "opt", "nocache", "mb1", "refsep", "fullvocab", "foreach", "nosync", "ckpt", "loop")
 COMPILED_VARIANTS = ("compile", "fast")
-MULTI_VARIANTS = ("ddp", "fsdp", "fsdpc", "ddpfast", "fsdpfast")
+MULTI_VARIANTS = ("ddp", "fsdp", "fsdpc", "ddpfast", "fsdpfast", "fsdpstep")
 EVAL_VARIANTS = {"eval": (), "evalc": ("llm", "vit"), "evalcs": ("llm", "vit", "sam")}  # blocks compiled
 PLAN_TOKENS = tuple(EVAL_VARIANTS) + EAGER_VARIANTS + COMPILED_VARIANTS + MULTI_VARIANTS
 IMAGE_SIZE = 512  # one 448 px ViT tile (512 x 512 -> a 1 x 1 grid, no thumbnail)
@@ -96,6 +97,7 @@ class Variant:
     strategy: str = "single"  # single | ddp | fsdp
     grad_accum: int | None = None  # None: --grad-accum
     on_device: bool = False  # train_dpo's loop since issue 17: features, masks, references on the GPU; one sync per step
+    fsdp_gather: str = "per_use"  # dist.fsdp_gather: per_step keeps each layer gathered for the whole step
 
 
 def make_variant(token: str, micro_batch: int, ddp_compile: bool, fsdp_compile: bool) -> Variant:
@@ -122,6 +124,8 @@ def make_variant(token: str, micro_batch: int, ddp_compile: bool, fsdp_compile: 
         "fast": replace(opt, name="fast", on_device=True, sync_metrics=False, compile=True),
         "ddpfast": replace(opt, name="ddpfast", on_device=True, sync_metrics=False, compile=True, strategy="ddp"),
         "fsdpfast": replace(opt, name="fsdpfast", on_device=True, sync_metrics=False, compile=True, strategy="fsdp"),
+        "fsdpstep": replace(opt, name="fsdpstep", on_device=True, sync_metrics=False, compile=True, strategy="fsdp",
+                            fsdp_gather="per_step"),
         "ddp": replace(opt, name="ddp", compile=ddp_compile, strategy="ddp"),
         "fsdp": replace(opt, name="fsdp", compile=fsdp_compile, strategy="fsdp"),
         "fsdpc": replace(opt, name="fsdpc", compile=True, strategy="fsdp"),
@@ -498,6 +502,7 @@ class Bench:
             wrapped = dist.wrap_policy(self.policy, strategy if strategy != "single" else "ddp", wrap_info, layers)
         if strategy == "fsdp":
             self.fsdp_wrapped = wrapped
+            dist.set_fsdp_gather(wrapped, layers, v.fsdp_gather)
         trainable = [p for p in wrapped.parameters() if p.requires_grad]
         fused = v.fused and self.device.type == "cuda"
         optimizer = torch.optim.AdamW(trainable, lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay,
@@ -696,6 +701,8 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
     entry = results.setdefault(preset, {"variants": {}})
     device = info.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.dtype == "float32":
+        dtype = torch.float32
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     log(info, f"== {preset}: building with random weights on {device} ({dtype})")
     t0 = time.perf_counter()
@@ -948,6 +955,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp-compile", action="store_true")
     p.add_argument("--collective-timeout", type=int, default=300, help="seconds (NCCL)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32"],
+                   help="float32: weights and arithmetic in float32 on CUDA too (no bf16 autocast, no TF32), "
+                        "for numerical checks such as the forward/generate agreement")
     p.add_argument("--family", default=None, help="LLM family of the preset (sa2va.tiny --family), e.g. internlm2")
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--workdir", default=None, help="where the weightless checkpoint folders go")
@@ -1103,6 +1113,13 @@ def main(argv: list[str] | None = None) -> int:
         print_table(merged)
         return 0
     FAMILY[0] = args.family
+    if args.dtype == "float32":  # the suite autocasts to bf16 on CUDA; a float32 check turns that off
+        import contextlib
+
+        import sa2va.model
+
+        sa2va.model.autocast = lambda _sa2va: contextlib.nullcontext()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     plan = parse_plan(args.plan if args.preset is None else
                       " ".join(f"{p}={args.variants}" for p in args.preset.split(",")))
     # Images before any CUDA work (the worker processes fork).
