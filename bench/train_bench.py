@@ -655,6 +655,9 @@ class Bench:
         agreement = [mask_dice(probs[i] > 0.5, generated[i][0]) for i in range(min(n_forward, n_generate))]
         fg_forward = [float((probs[i] > 0.5).mean()) for i in range(len(agreement))]
         fg_generate = [float(generated[i][0].mean()) for i in range(len(agreement))]
+        # How decided the forward path's masks are: pixels whose probability is within 0.05 of the
+        # threshold flip with rounding-sized changes (random weights leave many there)
+        undecided = [float((np.abs(probs[i] - 0.5) < 0.05).mean()) for i in range(n_forward)]
         return {
             "forward_images_per_s": n_forward / forward_s, "forward_batch": batch, "forward_images": n_forward,
             "generate_images_per_s": n_generate / generate_s, "generate_images": n_generate,
@@ -663,6 +666,7 @@ class Bench:
             "agreement_dice": agreement, "agreement_dice_mean": float(np.mean(agreement)),
             "agreement_dice_min": float(np.min(agreement)),
             "foreground_fraction_forward": fg_forward, "foreground_fraction_generate": fg_generate,
+            "undecided_fraction_forward": undecided,
             "generated_text": generated[0][1], "seg_tokens": [g[2] for g in generated],
             "forced_answer": force, "peak_mem_gib": perf.peak_memory_gib(self.device),
             "compiled": list(compiled), "compiled_blocks": len(blocks), "forward_warmup_s": warmup_s,
@@ -734,7 +738,8 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
         log(info, f"   {token}: forward {e['forward_images_per_s']:.2f} img/s (compiled: {e['compiled'] or 'none'}, "
                   f"warm-up {e['forward_warmup_s']:.0f} s), generate "
                   f"{e['generate_images_per_s']:.2f} img/s ({e['speedup']:.1f}x), agreement Dice mean "
-                  f"{e['agreement_dice_mean']:.4f} min {e['agreement_dice_min']:.4f}, CPU preprocessing "
+                  f"{e['agreement_dice_mean']:.4f} min {e['agreement_dice_min']:.4f} (forward pixels within 0.05 "
+                  f"of the threshold: {np.mean(e['undecided_fraction_forward']):.3f}), CPU preprocessing "
                   f"{1e3 * e['preprocess_s_per_image']:.1f} ms/image "
                   f"({time.perf_counter() - t0:.0f} s)")
         save()

@@ -381,11 +381,17 @@ def compile_for_inference(sa2va: Any, parts: tuple[str, ...] = ("llm",)) -> list
         blocks += _blocks(sa2va.llm)
     if "vit" in parts:  # InternViT: encoder.layers (the release) or encoder.layer
         blocks += _blocks(getattr(sa2va.model, "vision_model", None), ("layers", "layer"))
+    sam: list[nn.Module] = []
     if "sam" in parts:  # Hiera: image_encoder.trunk(.backbone).blocks
-        blocks += _blocks(sa2va.sam2.image_encoder, ("blocks",))
+        sam = _blocks(sa2va.sam2.image_encoder, ("blocks",))
+        # Hiera's blocks take ~8 shapes (stage, window or global attention, pooling): static
+        # graphs, one each (symbolic shapes cost more to compile here), all within the limit
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for block in blocks:
         block.compile()
-    return blocks
+    for block in sam:
+        block.compile(dynamic=False)
+    return blocks + sam
 
 
 def probe_backward(policy: nn.Module, features: Any, sa2va: Any) -> None:

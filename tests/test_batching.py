@@ -108,6 +108,23 @@ def test_compile_failure_falls_back_to_eager():
     assert torch.equal(layers[0](x), torch.nn.functional.linear(x, layers[0].weight, layers[0].bias))
 
 
+def test_compile_for_inference_finds_every_encoder_block(tiny_model):
+    """evaluate.py --compile: the LLM's decoder layers, the ViT's encoder layers and SAM2's Hiera
+    blocks are all found in the release's layout (run 4 of issue 17 found only the LLM's); the
+    compiled wrappers are removed again, so nothing here compiles (slow on CPU)."""
+    from sa2va.model import load_sa2va
+
+    sa2va = load_sa2va(tiny_model, trust_remote_code=True, device="cpu")
+    expected = {"llm": len(sa2va.llm.model.layers), "vit": len(sa2va.model.vision_model.encoder.layer),
+                "sam": len(sa2va.sam2.image_encoder.trunk_fpn.backbone.blocks)}
+    assert min(expected.values()) > 0
+    for part, count in expected.items():
+        blocks = batching.compile_for_inference(sa2va, (part,))
+        assert len(blocks) == count and all(b._compiled_call_impl is not None for b in blocks), part
+        for block in blocks:
+            block._compiled_call_impl = None
+
+
 def test_threaded_preprocessing_gives_the_same_inputs(tiny_model, tiny_pairs):
     from sa2va.fileio import read_rgb
     from sa2va.model import load_sa2va, prepare_images
