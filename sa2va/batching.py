@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .compat import ATTENTION_ENV
 from .errors import UserError
 from .preprocess import tile_grid
 
@@ -126,6 +127,8 @@ def read_shape(folder: str | Path) -> ModelShape:
         if counts is None:
             counts, source = _formula_counts(config), "config.json"
         attn = str(llm.get("attn_implementation") or llm.get("_attn_implementation") or "sdpa")
+        if (llm.get("architectures") or [None])[0] == "InternLM2ForCausalLM":  # compat.use_sdpa_attention
+            attn = os.environ.get(ATTENTION_ENV, "sdpa").strip().lower() if attn == "eager" else attn
         common = dict(params=counts, layers=int(llm["num_hidden_layers"]), hidden=int(llm["hidden_size"]),
                       intermediate=int(llm["intermediate_size"]), heads=int(llm["num_attention_heads"]),
                       thumbnail=False, sam_size=int((config.get("sam2_config") or {}).get("image_size", 1024)),

@@ -50,7 +50,7 @@ def _weightless(tmp_path, preset, attention=None):
     return folder
 
 
-def test_memory_model_covers_the_measured_h200_peaks(tmp_path):
+def test_memory_model_covers_the_measured_h200_peaks(tmp_path, monkeypatch):
     # docs/performance.md, eager, 284-token samples: 1.63 (4B) and 4.45 (26B) GiB per pair of a micro-batch,
     # measured with SDPA attention (the 26B shape's Qwen2 stand-in then).
     cfg = load_config("v8")
@@ -59,7 +59,10 @@ def test_memory_model_covers_the_measured_h200_peaks(tmp_path):
         model = batching.memory_model(shape, cfg.train, 16, "full", "cuda", 2, 1, False, [(512, 512)], 2)
         assert measured <= model.per_pair / batching.GIB <= 1.25 * measured, preset
         assert model.peak(8) > model.peak(4) > model.peak(1)
-    eager = batching.memory_model(batching.read_shape(_weightless(tmp_path, "26b")), cfg.train, 16, "full", "cuda", 2,
+    internlm2 = _weightless(tmp_path, "26b")  # the release's config says eager; compat runs it through SDPA
+    assert batching.read_shape(internlm2).eager_attention is False
+    monkeypatch.setenv("SA2VA_DPO_ATTENTION", "eager")
+    eager = batching.memory_model(batching.read_shape(internlm2), cfg.train, 16, "full", "cuda", 2,
                                   1, False, [(512, 512)], 2)
     assert eager.per_pair > model.per_pair  # the InternLM2 release's eager attention keeps its score matrices
     sharded = batching.memory_model(shape, cfg.train, 16, "full", "cuda", 2, 4, True, [(512, 512)], 2)
