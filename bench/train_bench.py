@@ -1071,11 +1071,15 @@ def command_of(meta: dict[str, Any]) -> str:
 
 
 def merge_results(files: list[str]) -> dict[str, Any]:
-    """Results of several runs as one: per shape, later runs add variants (and missing parts)."""
+    """Results of several runs as one: per shape, later runs add variants (and missing parts).
+    FILE=LABEL names that file's variants NAME[LABEL] (a run of the same variants under another
+    setting, e.g. SA2VA_DPO_ATTENTION=eager, kept beside the default's rows)."""
     merged: dict[str, Any] = {"runs": []}
-    for name in files:
+    for spec in files:
+        name, _, label = spec.partition("=")
         run = json.loads(Path(name).read_text())
-        merged["runs"].append({"file": Path(name).name, **{k: run["meta"].get(k) for k in
+        merged["runs"].append({"file": Path(name).name, **({"label": label} if label else {}),
+                               **{k: run["meta"].get(k) for k in
                                                            ("torch", "transformers", "device", "world_size", "plan")},
                                **({"command": command_of(run["meta"])} if "args" in run["meta"] else {})})
         for preset, entry in run.items():
@@ -1093,7 +1097,7 @@ def merge_results(files: list[str]) -> dict[str, Any]:
             for key, value in entry.items():
                 if key == "variants":
                     for vname, v in value.items():
-                        target["variants"][vname] = dict(v, run=Path(name).name)
+                        target["variants"][f"{vname}[{label}]" if label else vname] = dict(v, run=Path(name).name)
                 elif key in EVAL_VARIANTS or key == "flops" or key not in target:  # the newest evaluations, counts
                     target[key] = value
                     if key in EVAL_VARIANTS:
@@ -1149,7 +1153,8 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir = tempfile.mkdtemp(prefix="sa2va_bench_")
     results: dict[str, Any] = {"meta": {
         "torch": torch.__version__, "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
-        else "cpu", "world_size": info.world_size, "plan": plan, "args": vars(args), "image_gen_s": image_s}}
+        else "cpu", "world_size": info.world_size, "plan": plan, "args": vars(args), "image_gen_s": image_s,
+        "attention_env": os.environ.get("SA2VA_DPO_ATTENTION")}}
     try:
         import transformers
 
