@@ -1097,7 +1097,11 @@ def merge_results(files: list[str]) -> dict[str, Any]:
             for key, value in entry.items():
                 if key == "variants":
                     for vname, v in value.items():
-                        target["variants"][f"{vname}[{label}]" if label else vname] = dict(v, run=Path(name).name)
+                        key = f"{vname}[{label}]" if label else vname
+                        if key in target["variants"]:  # the later run's row stands; say which it replaced
+                            merged["replaced"] = merged.get("replaced", []) + [
+                                f"{preset} {key}: {target['variants'][key]['run']} replaced by {Path(name).name}"]
+                        target["variants"][key] = dict(v, run=Path(name).name)
                 elif key in EVAL_VARIANTS or key == "flops" or key not in target:  # the newest evaluations, counts
                     target[key] = value
                     if key in EVAL_VARIANTS:
