@@ -1017,6 +1017,9 @@ def headline_keys(summary: dict[str, Any], merged: dict[str, Any], mission_file:
         out["fsdp_vs_ddp_per_gpu"] = ratios[best]
         source["fsdp_vs_ddp_per_gpu"] = (f"{best} over the best DDP variant at micro-batch {multi[best]['micro_batch']}: "
                                          f"{commands.get(multi[best].get('run'))}")
+        if not any(n.startswith("fsdpstep") for n in ratios):
+            why["fsdp_vs_ddp_per_gpu with dist.fsdp_gather=per_step"] = (
+                "not measured (variant fsdpstep): needs 2 GPUs; only the 1-GPU machine kind was lent since it was written")
     else:
         out["fsdp_vs_ddp_per_gpu"] = None
         why["fsdp_vs_ddp_per_gpu"] = ("not measured: needs 2 GPUs running this 26B shape at the same micro-batch; "
@@ -1103,6 +1106,9 @@ def merge_results(files: list[str]) -> dict[str, Any]:
                                 f"{preset} {key}: {target['variants'][key]['run']} replaced by {Path(name).name}"]
                         target["variants"][key] = dict(v, run=Path(name).name)
                 elif key in EVAL_VARIANTS or key == "flops" or key not in target:  # the newest evaluations, counts
+                    if key in EVAL_VARIANTS and key in target:
+                        merged["replaced"] = merged.get("replaced", []) + [
+                            f"{preset} {key}: {target.get(f'{key}_run')} replaced by {Path(name).name}"]
                     target[key] = value
                     if key in EVAL_VARIANTS:
                         target[f"{key}_run"] = Path(name).name

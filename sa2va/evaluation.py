@@ -40,9 +40,9 @@ from .fileio import atomic_dir, check_writable_dir, write_json, write_mask, writ
 from .metrics import DISPLAY_NAMES, LOWER_IS_BETTER, METRICS, image_metrics, paired_compare, summarize
 from .prediction import COLOUR_FN, COLOUR_FP, COLOUR_TP, overlay, prediction_record, probability_png  # noqa: F401
 
-# What --compile compiles (sa2va.batching.compile_for_inference): measured at the 26B shape,
-# docs/performance.md run 7; SAM2's Hiera blocks are left eager (many shapes, slow to compile).
-EVAL_COMPILED = ("llm", "vit")
+# What --compile compiles (sa2va.batching.compile_for_inference), as measured at the 26B shape
+# (docs/performance.md runs 7-8: 14.0 images/s eager, 15.5-17.7 LLM + ViT, 18.9 with SAM2 too).
+EVAL_COMPILED = ("llm", "vit", "sam")
 COUNT_KEYS = ("tp", "fp", "fn", "tn", "skel_pred", "skel_pred_in_gt", "skel_gt", "skel_gt_in_pred",
               "components_pred", "components_gt")
 HOLDOUT_FILE = "holdout.json"
@@ -117,9 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: model.answer of the config)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the LLM's decoder layers and the ViT's encoder layers for the forward "
-                        "path (about 10 s at the 26B shape, then 14.0 -> 17.7 images/s on an H200; worth it "
-                        "from a few hundred images)")
+                   help="torch.compile the forward path's LLM, ViT and SAM2 encoder blocks (about 40 s at "
+                        "the 26B shape, then 14.0 -> 18.9 images/s on an H200; worth it from about 1,500 images)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--n-boot", type=int, default=None,
                    help="bootstrap resamples (default 2000 for a summary, 5000 for --compare)")
@@ -803,7 +802,8 @@ def _run(opts: EvalOptions, entries: list[ImageEntry], selection: str, info: Any
     elif opts.compile:
         from .batching import compile_for_inference
 
-        say(f"compiling {len(compile_for_inference(sa2va, EVAL_COMPILED))} LLM and ViT blocks (the first batch is slower)")
+        say(f"compiling {len(compile_for_inference(sa2va, EVAL_COMPILED))} LLM, ViT and SAM2 blocks "
+            "(the first batch is slower)")
     if opts.tile_size is not None:
         if opts.tile_size == "auto":
             opts.tile_size = sa2va.low_res  # the model's logit-grid side: one logit per pixel
