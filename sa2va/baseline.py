@@ -32,17 +32,61 @@ import torch
 from .errors import UserError, run_cli
 from .fileio import atomic_dir
 from .losses import bce_loss, dice_loss
-from .model import SegInputs, encode_images, load_sa2va, prepare_images, seg_logits, upsample_logits
+from .model import Sa2VA, SegInputs, encode_images, load_sa2va, prepare_images, sam_heads, upsample_logits
 from .synth import make_sample
 from .tiny import write_tiny_checkpoint
 
 QUESTION = "Please segment the blood vessels."
 ANSWER = "It is [SEG]."
+IOU_WEIGHT = 1.0  # SAM's weight of the IoU-prediction MSE next to its mask losses
+BF16_STEP = 2.0 ** -8  # bf16's spacing of values in [0.5, 1): closer IoU scores can tie under autocast
 
 
 def hard_dice(pred: np.ndarray, gt: np.ndarray) -> float:
     denom = pred.sum() + gt.sum()
     return 1.0 if denom == 0 else float(2 * np.logical_and(pred, gt).sum() / denom)
+
+
+def actual_ious(multi_low: torch.Tensor, gt: torch.Tensor, sam_size: int) -> torch.Tensor:
+    """IoU with the ground truth gt (1, 1, H, W) of each multimask output (K, h, w) at logit > 0,
+    at the image's size: the IoU head's target, as SAM trains it. No gradient (a target)."""
+    with torch.no_grad():
+        masks = upsample_logits(multi_low[:, None], sam_size, tuple(gt.shape[-2:])) > 0
+        truth = gt > 0.5
+        inter = (masks & truth).flatten(1).sum(1).float()
+        union = (masks | truth).flatten(1).sum(1).float()
+        return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+
+
+def iou_head_loss(ious: torch.Tensor, multi_low: torch.Tensor, gts: list[torch.Tensor], sam_size: int) -> torch.Tensor:
+    """SAM's IoU-prediction loss: mean squared error between each multimask output's predicted
+    IoU (ious (B, K)) and its actual IoU with the ground truth. The mask choice is an argmax over
+    `ious`, through which no mask loss reaches the IoU head: this term is what trains it."""
+    targets = torch.stack([actual_ious(multi_low[j], gt, sam_size) for j, gt in enumerate(gts)])
+    return torch.nn.functional.mse_loss(ious.float(), targets)
+
+
+@torch.no_grad()
+def mask_choice(sa2va: Sa2VA, images: list[np.ndarray], batch: int = 8, question: str = QUESTION,
+                answer: str = ANSWER) -> dict:
+    """Which multimask output SAM2 picks on each image, in float32 and under bf16 autocast (on
+    the model's device type), and the IoU head's margin (top predicted IoU minus the second, in
+    float32). A float32 model; returns chosen indices, margins (min, median) and `agree`."""
+    chosen32, chosen16, margins = [], [], []
+    for start in range(0, len(images), batch):
+        # The encoders run once, in float32: their outputs agree with bf16's (the [SEG] embedding
+        # to ~2e-4), the choice is made in the heads, and bf16 convolutions are slow on CPUs.
+        features = encode_images(sa2va, prepare_images(sa2va, images[start : start + batch]))
+        ious = sam_heads(sa2va, features, question, answer)[2].float()
+        with torch.autocast(sa2va.device.type, dtype=torch.bfloat16):
+            ious16 = sam_heads(sa2va, features, question, answer)[2].float()
+        top2 = ious.topk(2, dim=-1).values
+        margins += (top2[:, 0] - top2[:, 1]).tolist()
+        chosen32 += ious.argmax(-1).tolist()
+        chosen16 += ious16.argmax(-1).tolist()
+    return {"chosen_float32": chosen32, "chosen_bf16": chosen16, "agree": chosen32 == chosen16,
+            "margin_min": float(np.min(margins)), "margin_median": float(np.median(margins)),
+            "bf16_step": BF16_STEP}
 
 
 def build_baseline(out: str | Path, steps: int = 4000, seed: int = 0, size: int = 128, n_train: int = 192,
@@ -103,12 +147,13 @@ def _build(final: Path, target: Path, work: Path, steps: int, seed: int, size: i
     for step in range(steps):
         idx = torch.randint(0, n_train, (batch,), generator=generator).tolist()
         batch_inputs = SegInputs.cat([inputs[i] for i in idx])
-        low = seg_logits(sa2va, encode_images(sa2va, batch_inputs), QUESTION, ANSWER)
+        out = sam_heads(sa2va, encode_images(sa2va, batch_inputs), QUESTION, ANSWER)
+        multi, ious, low = out[0], out[2], out[3]  # all K masks, their predicted IoUs, the chosen one
         loss = 0.0
         for j, i in enumerate(idx):
             z = upsample_logits(low[j : j + 1], sa2va.sam_size, (size, size))
             loss = loss + 2.0 * bce_loss(z, masks[i]) + 0.5 * dice_loss(z, masks[i])
-        loss = (loss / batch).mean()
+        loss = (loss / batch).mean() + IOU_WEIGHT * iou_head_loss(ious, multi, [masks[i] for i in idx], sa2va.sam_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -136,6 +181,15 @@ def _build(final: Path, target: Path, work: Path, steps: int, seed: int, size: i
     model.load_state_dict(best_state)  # the best evaluation's weights
     model.eval()
     model.requires_grad_(False)
+    # The mask SAM2 outputs is the argmax of the IoU head: it must not depend on the precision
+    # (under bf16 autocast near-tied scores round equal and an untrained mask can win).
+    choice = mask_choice(sa2va, [s[0] for s in val])
+    log(f"IoU-head margin (top minus second predicted IoU, float32) on {n_val} held-out images: "
+        f"min {choice['margin_min']:.4f}, median {choice['margin_median']:.4f}")
+    if not choice["agree"]:
+        bad = sum(a != b for a, b in zip(choice["chosen_float32"], choice["chosen_bf16"]))
+        raise UserError(f"{final}: the chosen mask differs between float32 and bf16 autocast on {bad} of {n_val} "
+                        f"held-out images (IoU-head margin min {choice['margin_min']:.2g}); train longer (--steps)")
     model.to("cpu")
     model.save_pretrained(str(target))
     for item in tiny.iterdir():  # remote code, tokenizer, the original config.json
@@ -145,7 +199,10 @@ def _build(final: Path, target: Path, work: Path, steps: int, seed: int, size: i
               "patience": patience, "min_delta": min_delta, "device": str(sa2va.device), "curve": curve,
               "seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "batch": batch,
               "lr": lr, "val_dice_mean": float(np.mean(scores)), "val_dice_min": float(np.min(scores)),
-              "val_dice_max": float(np.max(scores)), "seconds": round(time.perf_counter() - started, 1),
+              "val_dice_max": float(np.max(scores)), "iou_weight": IOU_WEIGHT,
+              "mask_choice": {k: choice[k] for k in ("margin_min", "margin_median", "bf16_step", "agree")} | {
+                  "chosen_float32": sorted(set(choice["chosen_float32"]))},
+              "seconds": round(time.perf_counter() - started, 1),
               "command": f"python -m sa2va.baseline --out {final} --steps {steps} --seed {seed} --size {size}"
                          f" --device {sa2va.device.type}"}
     (target / "baseline_report.json").write_text(json.dumps(report, indent=2) + "\n")

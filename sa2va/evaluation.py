@@ -68,6 +68,7 @@ class EvalOptions:
     question: str = "Please segment the blood vessels."
     answer: str = "It is [SEG]."
     device: str = "auto"
+    dtype: str = "auto"  # --dtype: float32 runs the whole forward in float32 (no bf16 autocast on CUDA)
     seed: int = 0
     n_boot: int = 2000
     all_images: bool = False
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer", help="forward path: the teacher-forced answer holding [SEG] "
                                     "(default: model.answer of the config)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights (auto: bfloat16 with bf16 autocast on CUDA, float32 on CPU; float32: no autocast)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward path's LLM, ViT and SAM2 encoder blocks (about 40 s at "
                         "the 26B shape, then 14.0 -> 18.9 images/s on an H200; worth it from about 1,500 images)")
@@ -286,7 +289,7 @@ def predict_forward_needs_cuda(model: Path) -> bool:
                for node in ast.walk(tree))
 
 
-def load_model(model: Path, trust_remote_code: bool, device: str):
+def load_model(model: Path, trust_remote_code: bool, device: str, dtype: str = "auto"):
     from .checkpoint import load_for_inference
 
     try:
@@ -296,7 +299,7 @@ def load_model(model: Path, trust_remote_code: bool, device: str):
     except ImportError:
         pass
     try:
-        return load_for_inference(model, trust_remote_code, device=device)
+        return load_for_inference(model, trust_remote_code, device=device, dtype=dtype)
     except (UserError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as err:  # noqa: BLE001 - torn weights, bad shapes, library errors: one line, not a trace
@@ -691,6 +694,7 @@ def _options(args: argparse.Namespace, model: Path, trust_cfg: bool) -> EvalOpti
         threshold=args.threshold, question=question, answer=answer, device=args.device, seed=args.seed,
         n_boot=n_boot, all_images=args.all_images, predict=args.predict, save_probs=args.save_probs,
         binarize=args.binarize, tile_size=tile_size, tile_overlap=tile_overlap, compile=getattr(args, "compile", False),
+        dtype=getattr(args, "dtype", "auto"),
     )
 
 
@@ -790,7 +794,7 @@ def _run(opts: EvalOptions, entries: list[ImageEntry], selection: str, info: Any
     t0 = time.perf_counter()
     error, sa2va = None, None
     try:
-        sa2va = load_model(opts.model, opts.trust_remote_code, str(info.device))
+        sa2va = load_model(opts.model, opts.trust_remote_code, str(info.device), opts.dtype)
     except UserError as err:
         error = str(err)
     error = _gather_error(error)

@@ -442,6 +442,13 @@ def seg_logits(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: st
 
     Returns low-res mask logits (B, 1, sam/4, sam/4). Runs with or without gradients.
     """
+    return sam_heads(sa2va, features, question, answer)[3]
+
+
+def sam_heads(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: str) -> tuple:
+    """`seg_logits`, returning SAM2's whole `_forward_sam_heads` tuple: (low-res multimask logits
+    (B, K, h, w), high-res multimasks, predicted IoUs (B, K), the chosen low-res mask (B, 1, h, w),
+    ...). The baseline builder trains the IoU head with it."""
     model = sa2va.model
     device = sa2va.device
     batch = len(features.tiles)
@@ -464,7 +471,7 @@ def seg_logits(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: st
     seg_embedding = model.text_hidden_fcs(seg_hidden)  # only the [SEG] rows go through it
 
     sam2 = sa2va.sam2
-    out = sam2._forward_sam_heads(
+    return sam2._forward_sam_heads(
         backbone_features=features.pix.to(device),
         point_inputs=None,
         mask_inputs=None,
@@ -472,7 +479,6 @@ def seg_logits(sa2va: Sa2VA, features: FrozenFeatures, question: str, answer: st
         multimask_output=sam2._use_multimask(True, None),
         language_embd=seg_embedding[:, None],
     )
-    return out[3]
 
 
 def upsample_logits(low_res: Tensor, sam_size: int, size: tuple[int, int]) -> Tensor:
@@ -483,7 +489,9 @@ def upsample_logits(low_res: Tensor, sam_size: int, size: tuple[int, int]) -> Te
 
 
 def autocast(sa2va: Sa2VA) -> contextlib.AbstractContextManager:
-    if sa2va.device.type == "cuda":
+    """bf16 autocast on CUDA, unless the model was loaded in float32 (model.dtype=float32,
+    evaluate.py --dtype float32): then the whole forward runs in float32."""
+    if sa2va.device.type == "cuda" and sa2va.dtype != torch.float32:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
