@@ -95,6 +95,10 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=200, help="images for the pairs (a smaller run: a dry run)")
     parser.add_argument("--results", default="docs/results.json")
     parser.add_argument("--details", default="docs/results_details.json")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32"),
+                        help="auto: bf16 weights and autocast on CUDA; float32: the whole run in float32")
+    parser.add_argument("--choice-images", type=int, default=16,
+                        help="held-out images on which each recipe's seed-0 model's mask choice is checked")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     py = sys.executable
@@ -118,7 +122,8 @@ def main() -> None:
         for seed in SEEDS:
             out = work / "runs" / f"{name}_s{seed}"
             cmd = [py, "train_dpo.py", "--cfg", cfg, f"model.path={baseline}", f"data.root={pairs}",
-                   f"output_dir={out}", f"train.seed={seed}", f"device={args.device}", *COMMON, *extra]
+                   f"output_dir={out}", f"train.seed={seed}", f"device={args.device}", f"model.dtype={args.dtype}",
+                   *COMMON, *extra]
             jobs.append((name, seed, out, cmd))
     commands: dict[str, list[str]] = {}
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -134,7 +139,7 @@ def main() -> None:
     # 3. Evaluation on the held-out images.
     def evaluate(model: Path, out: Path, tag: str) -> list[str]:
         cmd = [py, "evaluate.py", "--model", str(model), "--data", str(pairs), "--out", str(out),
-               "--trust-remote-code", "--device", args.device, "--batch-size", "8"]
+               "--trust-remote-code", "--device", args.device, "--dtype", args.dtype, "--batch-size", "8"]
         if not (out / "results.json").is_file():
             run(cmd, work / "logs" / f"eval_{tag}.log")
         return cmd
@@ -150,6 +155,8 @@ def main() -> None:
     # 4. The table: per-image metrics averaged over seeds, compared image by image.
     base = json.loads((evals / "baseline" / "results.json").read_text())
     names = sorted(base["per_image"])
+    choices = mask_choices({"baseline": baseline, **{n: work / "runs" / f"{n}_s0" / "final" for n in recipes}},
+                           held_out_images(pairs)[: args.choice_images], args.device)
     per_image = {"baseline": {m: {n: base["per_image"][n][m] for n in names} for m in METRICS}}
     seed_means: dict[str, dict[str, list[float]]] = {}
     for name in recipes:
@@ -173,6 +180,7 @@ def main() -> None:
             row[key] = {m: {"diff": full[m]["diff"], "p": full[m]["p"]} for m in METRICS}
             detail[key] = full
         row["commands"] = [base_cmd] if name == "baseline" else commands[name] + [eval_cmds[(name, s)] for s in SEEDS]
+        detail["mask_choice_seed0"] = choices[name]
         if name != "baseline":
             detail["seed_means"] = seed_means[name]
         rows.append(row)
@@ -182,6 +190,30 @@ def main() -> None:
     Path(args.results).write_text(json.dumps({"rows": rows, "commands": [bench_shown, table_cmd]}, indent=2) + "\n")
     Path(args.details).write_text(json.dumps(details, indent=2) + "\n")
     print(markdown(rows, details))
+    for name, c in choices.items():
+        print(f"mask choice ({name}, seed 0, {len(c['chosen_float32'])} images): float32 and bf16 agree: {c['agree']}, "
+              f"IoU-head margin min {c['margin_min']:.4f}, median {c['margin_median']:.4f}")
+
+
+def held_out_images(pairs: Path) -> list[Path]:
+    images = json.loads((pairs / "holdout.json").read_text())["images"]
+    return [p if p.is_absolute() else pairs / p for p in map(Path, images)]
+
+
+def mask_choices(models: dict[str, Path], images: list[Path], device: str) -> dict[str, dict]:
+    """SAM2's mask choice of each model on `images`, float32 vs bf16 autocast (sa2va.baseline.mask_choice).
+    The recipes freeze the IoU head but train the decoder that feeds it, so its ranking can move."""
+    from PIL import Image
+
+    from sa2va.baseline import mask_choice
+    from sa2va.checkpoint import load_for_inference
+
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    out = {}
+    for name, path in models.items():
+        sa2va = load_for_inference(path, True, device=device, dtype="float32")
+        out[name] = mask_choice(sa2va, arrays)
+    return out
 
 
 def markdown(rows: list[dict], details: list[dict]) -> str:

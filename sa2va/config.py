@@ -30,7 +30,7 @@ class ModelConfig:
     path: str = "models/sa2va_vessel_hf"  # a Sa2VA HF remote-code folder
     # Loading runs the Python files shipped in the model folder; the user must say yes.
     trust_remote_code: bool = False
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU; float32 on CUDA: no bf16 autocast
     # Benchmarks only: build the architecture from config.json with random weights (a folder
     # written by `python -m sa2va.tiny --preset 26b --no-weights`); nothing is exported.
     random_weights: bool = False
