@@ -67,7 +67,7 @@ def plot_baseline_curve(report_file: str | Path, out_png: str | Path) -> Path:
     steps = [c["step"] for c in report["curve"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [c["val_dice"] for c in report["curve"]], marker="o", label=f"held-out Dice ({report['n_val']} images)")
-    ax.plot(steps, [c["loss"] for c in report["curve"]], marker=".", label="training loss (2 BCE + 0.5 Dice)")
+    ax.plot(steps, [c["loss"] for c in report["curve"]], marker=".", label="training loss (2 BCE + 0.5 Dice" + (" + IoU MSE" if "iou_weight" in report else "") + ")")
     ax.axvline(report["best_step"], color="grey", linestyle="--", label=f"kept: step {report['best_step']}")
     ax.set_xlabel("step")
     ax.set_title(f"baseline: stopped at step {report['stopped_at']} ({report['stopped_because']})")

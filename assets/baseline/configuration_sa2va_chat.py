@@ -1,7 +1,7 @@
 """Configuration of the sa2va-dpo tiny Sa2VA checkpoint (remote code, self-contained).
 
 Mirrors the release's `Sa2VAChatConfig`: `vision_config` (InternViT, here transformers'
-`InternVLVisionConfig`), `llm_config` (dispatched on `architectures[0]`), template and tiling
+`InternVLVisionConfig`), `llm_config` (dispatched on `architectures[0]`: Qwen2 or InternLM2), template and tiling
 fields. Adds `sam2_config`, a plain dict with the SAM2 sizes (the release hard-codes Hiera-L).
 """
 
@@ -13,7 +13,11 @@ from transformers import PretrainedConfig
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 
-SUPPORTED_LLM_ARCHITECTURES = ("Qwen2ForCausalLM",)
+from .configuration_internlm2 import InternLM2Config
+
+# llm_config.architectures[0] -> its config class (the release dispatches the same way)
+LLM_CONFIG_CLASSES = {"Qwen2ForCausalLM": Qwen2Config, "InternLM2ForCausalLM": InternLM2Config}
+SUPPORTED_LLM_ARCHITECTURES = tuple(LLM_CONFIG_CLASSES)
 
 
 def _as_dict(cfg) -> dict:
@@ -64,7 +68,7 @@ class Sa2VAChatConfig(PretrainedConfig):
                 f"{', '.join(SUPPORTED_LLM_ARCHITECTURES)}"
             )
         self.vision_config = InternVLVisionConfig(**vision)
-        self.llm_config = Qwen2Config(**llm)
+        self.llm_config = LLM_CONFIG_CLASSES[arch](**llm)
         self.sam2_config = copy.deepcopy(dict(sam2_config or {}))
         self.use_backbone_lora = use_backbone_lora
         self.use_llm_lora = use_llm_lora

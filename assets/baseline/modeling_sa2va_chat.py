@@ -3,7 +3,9 @@
 The public surface follows the Sa2VA Hugging Face release: named children `vision_model`,
 `language_model`, `mlp1`, `grounding_encoder`, `text_hidden_fcs`; `img_context_token_id`
 starting as None; `extract_feature`; `predict_forward`. The building blocks are transformers'
-own InternVL vision tower and Qwen2 LLM, so the real 1B/4B/26B shapes are one config away.
+own InternVL vision tower and Qwen2 LLM (1B/4B family), or our InternLM2 remote code
+(modeling_internlm2.py, the 8B/26B family, with the release's quirks), so the real shapes are one
+config away.
 Unlike the release, `predict_forward` runs on any device (it never calls `.cuda()` and keeps
 the model's dtype).
 """
@@ -23,6 +25,7 @@ from transformers.models.internvl.modeling_internvl import InternVLVisionModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
 from .configuration_sa2va_chat import SUPPORTED_LLM_ARCHITECTURES, Sa2VAChatConfig
+from .modeling_internlm2 import InternLM2ForCausalLM
 from .sam2 import SAM2TrainRunner
 
 IMG_START_TOKEN = "<img>"
@@ -128,7 +131,7 @@ class Sa2VAChatModel(PreTrainedModel):
     config_class = Sa2VAChatConfig
     main_input_name = "pixel_values"
     base_model_prefix = "language_model"
-    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer"]
+    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer", "InternLM2DecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     supports_gradient_checkpointing = True
@@ -150,6 +153,8 @@ class Sa2VAChatModel(PreTrainedModel):
             self.language_model = language_model
         elif self.llm_arch_name == "Qwen2ForCausalLM":
             self.language_model = Qwen2ForCausalLM(config.llm_config)
+        elif self.llm_arch_name == "InternLM2ForCausalLM":
+            self.language_model = InternLM2ForCausalLM(config.llm_config)
         else:
             raise NotImplementedError(
                 f"{self.llm_arch_name} is not implemented in this tiny Sa2VA code "

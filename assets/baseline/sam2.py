@@ -12,6 +12,9 @@ It mirrors the public surface of the SAM2 copy that ships with Sa2VA (`SAM2Base`
     transformers' `Sam2MaskDecoder` (same architecture as the SAM2 ones, different key names);
   * memory attention / memory encoder / object-pointer projection are small real modules that
     exist for surface fidelity; single-frame inference does not use them.
+Like the release, the video path hard-codes CUDA (`init_state`'s devices, `.cuda()` in
+`_get_image_feature`) and autocasts for CUDA only in `language_embd_inference`: a loader must
+repair the first on CPU (sa2va-dpo does it in sa2va/compat.py, on the loaded object).
 
 Exactly five decorators in this file (a separate tool strips them by parsing):
 `PositionEmbeddingSine.encode_boxes/encode_points/forward` (`@torch.no_grad()`) and
@@ -613,10 +616,13 @@ class SAM2VideoPredictor(SAM2Base):
 
     def init_state(self, images: torch.Tensor) -> dict:
         """images: (T, 3, S, S), already normalised (see SAM2TrainRunner.preprocess_image)."""
+        compute_device = torch.device("cuda")  # as in the release: CUDA only
         return {
             "images": images,
             "num_frames": images.shape[0],
-            "cached_features": {},
+            "device": compute_device,
+            "storage_device": compute_device,
+            "cached_features": {},  # frame_idx -> (image, backbone_out), the latest frame only
             "prompts": {},  # frame_idx -> {obj_id: language_embd (1, N, C)}
             "obj_ids": [],
             "tracking_has_started": False,
@@ -630,13 +636,14 @@ class SAM2VideoPredictor(SAM2Base):
         inference_state["prompts"].setdefault(frame_idx, {})[obj_id] = language_embd
         return frame_idx, list(inference_state["obj_ids"]), None
 
-    def _get_image_feature(self, inference_state: dict, frame_idx: int):
-        cache = inference_state["cached_features"]
-        if frame_idx not in cache:
-            image = inference_state["images"][frame_idx : frame_idx + 1].to(self.device)
+    def _get_image_feature(self, inference_state: dict, frame_idx: int, batch_size: int = 1):
+        """(image, backbone_out, vision_feats, vision_pos_embeds, feat_sizes) of one frame."""
+        image, backbone_out = inference_state["cached_features"].get(frame_idx, (None, None))
+        if backbone_out is None:
+            image = inference_state["images"][frame_idx].cuda().float().unsqueeze(0)  # the release's .cuda()
             backbone_out = self.forward_image(image)
-            cache[frame_idx] = self._prepare_backbone_features(backbone_out)
-        return cache[frame_idx]
+            inference_state["cached_features"] = {frame_idx: (image, backbone_out)}
+        return (image.expand(batch_size, -1, -1, -1),) + tuple(self._prepare_backbone_features(backbone_out))
 
     @torch.inference_mode()
     def propagate_in_video_preflight(self, inference_state: dict) -> None:
@@ -657,7 +664,7 @@ class SAM2VideoPredictor(SAM2Base):
         obj_ids = list(inference_state["obj_ids"])
         for frame_idx in frames:
             prompts = inference_state["prompts"].get(frame_idx, {})
-            _, vision_feats, _, feat_sizes = self._get_image_feature(inference_state, frame_idx)
+            _, _, vision_feats, _, feat_sizes = self._get_image_feature(inference_state, frame_idx)
             high_res = [
                 x.permute(1, 2, 0).reshape(x.size(1), x.size(2), *size)
                 for x, size in zip(vision_feats[:-1], feat_sizes[:-1])
@@ -715,8 +722,9 @@ class SAM2TrainRunner(nn.Module):
                 embd = language_embd[frame_idx][obj_idx][None][None]
                 self.sam2_model.add_language_embd(inference_state, frame_idx, obj_idx + 100, embd, inference=True)
         masks = []
-        for _, _, out_mask_logits in self.sam2_model.propagate_in_video(inference_state):
-            masks.append(out_mask_logits[:, 0][None])
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):  # the release's CUDA-only autocast
+            for _, _, out_mask_logits in self.sam2_model.propagate_in_video(inference_state):
+                masks.append(out_mask_logits[:, 0][None].float())
         return torch.cat(masks, dim=0)
 
     def forward(self, *args, **kwargs):
