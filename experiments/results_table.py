@@ -1,7 +1,8 @@
 """The results table of docs/results.md: every recipe x 3 training seeds on the demo's benchmark.
 
-    python experiments/results_table.py --work runs/table --jobs 2                  # CPU, hours on 2 cores
+    python experiments/results_table.py --work runs/table --jobs 2                  # CPU, ~27 min on 2 cores
     python experiments/results_table.py --work runs/table --jobs 14 --device cuda   # one GPU, 16 cores
+    ... --dtype float32          # the whole run in float32 (on CUDA: no bf16 autocast)
 
 Steps, all through the suite's own commands (each command is recorded beside its numbers):
   1. the benchmark: the baseline (assets/baseline, or --baseline), synthetic data and curated
@@ -12,7 +13,9 @@ Steps, all through the suite's own commands (each command is recorded beside its
      metric averaged over the 3 seeds against continued SFT (the control) and against the
      baseline (bootstrap CI, Wilcoxon p, images needed). docs/results.json holds, per row,
      recipe, kind, dice, cldice, vs_sft, vs_baseline and the commands; the CIs, images needed
-     and per-seed numbers go to docs/results_details.json.
+     and per-seed numbers go to docs/results_details.json;
+  5. SAM2's mask choice of the baseline and of each recipe's seed-0 model on --choice-images
+     held-out images, float32 vs bf16 autocast (sa2va.baseline.mask_choice), in the details.
 
 Learning rates: the seed's 1e-6 (v8) on a 26B model moves nothing on the tiny model, so every
 rate is scaled by 100 (1e-4), the same for every recipe.

@@ -5,6 +5,12 @@
 It plays the part of the user's `sa2va_vessel_hf`: a Sa2VA-format model already fine-tuned for
 vessels and trained to convergence, from which preference training starts.
 
+Loss: 2.0 BCE + 0.5 Dice on the mask SAM2 outputs, + 1.0 x SAM's IoU-prediction loss (MSE
+between each multimask output's predicted IoU and its actual IoU with the truth). SAM2 outputs the
+mask its IoU head ranks first; that argmax passes no gradient, so without this term the head stays
+untrained, its scores tie, and the choice flips between float32 and bf16. The report records the
+head's margin (`mask_choice`), and a baseline whose choice differs under bf16 autocast is refused.
+
 Convergence: held-out Dice (n_val images of their own seeds) is measured every `eval_every`
 steps; training stops when it has not beaten its best by at least `min_delta` for `patience`
 evaluations in a row (or at `steps`), and the best weights are kept. The curve is in the
