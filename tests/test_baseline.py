@@ -45,3 +45,19 @@ def test_iou_loss_reaches_the_iou_head_and_the_mask_loss_does_not(tiny_model):
     iou_head_loss(ious, multi, [mask], sa2va.sam_size).backward()
     grads = [p.grad for p in head.parameters()]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_float32_models_run_without_bf16_autocast_on_cuda():
+    """model.dtype=float32 / evaluate.py --dtype float32 is the float32 regime of the results table."""
+    import contextlib
+    import warnings
+    from types import SimpleNamespace
+
+    from sa2va.model import autocast
+
+    cuda = torch.device("cuda")
+    assert isinstance(autocast(SimpleNamespace(device=cuda, dtype=torch.float32)), contextlib.nullcontext)
+    with warnings.catch_warnings():  # without a GPU torch warns that it disables CUDA autocast
+        warnings.simplefilter("ignore")
+        assert isinstance(autocast(SimpleNamespace(device=cuda, dtype=torch.bfloat16)), torch.autocast)
+    assert isinstance(autocast(SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)), contextlib.nullcontext)
