@@ -57,8 +57,8 @@ RECIPES: dict[str, tuple[str, list[str], str, str]] = {
     "grpo+sft": ("configs/grpo.yaml", [*SFT_TERMS, LR], "reward", "mask GRPO + 2.0 BCE + 0.5 Dice"),
 }
 # The same for every run: 4 pairs per optimizer step as the seed (1 x 4, run as micro-batch 4),
-# one epoch of at most 500 pairs, no held-out evaluation during training (the table evaluates).
-COMMON = ["train.micro_batch_size=4", "train.grad_accum=1", "train.epochs=1", "data.max_samples=500",
+# --epochs passes (the table: one) of at most 500 pairs, no held-out evaluation during training (the table evaluates).
+COMMON = ["train.micro_batch_size=4", "train.grad_accum=1", "data.max_samples=500",
           "train.save_every=0", "train.eval_every=0", "data.val_root=null"]
 METRICS = ("dice", "cldice")
 SEEDS = (0, 1, 2)
@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--details", default="docs/results_details.json")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32"),
                         help="auto: bf16 weights and autocast on CUDA; float32: the whole run in float32")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="passes over the pairs for every recipe (the table: 1; a longer schedule: more)")
     parser.add_argument("--choice-images", type=int, default=16,
                         help="held-out images on which each recipe's seed-0 model's mask choice is checked")
     args = parser.parse_args()
@@ -126,7 +128,7 @@ def main() -> None:
             out = work / "runs" / f"{name}_s{seed}"
             cmd = [py, "train_dpo.py", "--cfg", cfg, f"model.path={baseline}", f"data.root={pairs}",
                    f"output_dir={out}", f"train.seed={seed}", f"device={args.device}", f"model.dtype={args.dtype}",
-                   *COMMON, *extra]
+                   f"train.epochs={args.epochs}", *COMMON, *extra]
             jobs.append((name, seed, out, cmd))
     commands: dict[str, list[str]] = {}
     with ThreadPoolExecutor(args.jobs) as pool:
