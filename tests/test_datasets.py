@@ -27,10 +27,10 @@ def shared_model(tiny_model):
     real = evaluation.load_model
     cache: dict[str, object] = {}
 
-    def load_once(model, trust_remote_code, device):
-        key = str(Path(model).resolve())
+    def load_once(model, trust_remote_code, device, dtype="auto"):
+        key = f"{Path(model).resolve()}|{dtype}"
         if key not in cache:
-            cache[key] = real(model, trust_remote_code, device)
+            cache[key] = real(model, trust_remote_code, device, dtype)
         return cache[key]
 
     mp = pytest.MonkeyPatch()
