@@ -38,6 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from sa2va.fileio import write_json  # noqa: E402
 from sa2va.metrics import paired_compare  # noqa: E402
 
 LR = "optim.lr=1e-4"
@@ -192,8 +193,8 @@ def main() -> None:
         details.append(detail)
     bench_shown = shown(bench_cmd, work)
     table_cmd = shown([py, *sys.argv], work)
-    Path(args.results).write_text(json.dumps({"rows": rows, "commands": [bench_shown, table_cmd]}, indent=2) + "\n")
-    Path(args.details).write_text(json.dumps(details, indent=2) + "\n")
+    write_json(args.results, {"rows": rows, "commands": [bench_shown, table_cmd]})
+    write_json(args.details, details)
     print(markdown(rows, details))
     for name, c in choices.items():
         print(f"mask choice ({name}, seed 0, {len(c['chosen_float32'])} images): float32 and bf16 agree: {c['agree']}, "
