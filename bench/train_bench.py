@@ -1132,12 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(merged)
         return 0
     FAMILY[0] = args.family
-    if args.dtype == "float32":  # the suite autocasts to bf16 on CUDA; a float32 check turns that off
-        import contextlib
-
-        import sa2va.model
-
-        sa2va.model.autocast = lambda _sa2va: contextlib.nullcontext()
+    if args.dtype == "float32":  # float32 weights: sa2va.model.autocast adds no bf16; no TF32 either
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     plan = parse_plan(args.plan if args.preset is None else
                       " ".join(f"{p}={args.variants}" for p in args.preset.split(",")))
