@@ -638,6 +638,9 @@ class Bench:
         probs = predict_probabilities(sa2va, images[:n_forward], batch_size=batch, question=question, answer=answer)
         self.sync()
         forward_s = time.perf_counter() - t0
+        breakdown = self.eval_breakdown(images[:n_forward], batch, question, answer)
+        if self.args.eval_profile:
+            self.eval_profile(images[: 2 * batch], batch, question, answer, Path(self.args.eval_profile))
         for block in blocks:  # the generate path runs eager (decoding shapes would recompile)
             block._compiled_call_impl = None
         generate(images[0])
@@ -670,7 +673,42 @@ class Bench:
             "generated_text": generated[0][1], "seg_tokens": [g[2] for g in generated],
             "forced_answer": force, "peak_mem_gib": perf.peak_memory_gib(self.device),
             "compiled": list(compiled), "compiled_blocks": len(blocks), "forward_warmup_s": warmup_s,
+            "forward_ms_per_image": breakdown,
         }
+
+    def eval_breakdown(self, images: list, batch: int, question: str, answer: str) -> dict[str, float]:
+        """GPU-timeline milliseconds per image of each phase of the forward path, from a second
+        pass with module hooks: vit, sam_enc (SAM2 image encoder), llm_fwd (input embedding to
+        the decoder's output), heads_fwd (text_hidden_fcs + SAM2 heads), post (from the mask
+        decoder's return to the next chunk's ViT: upsampling, copies to the host, waiting for the
+        next chunk), other (before the first ViT). Idle gaps count in the phase they fall in."""
+        from sa2va.model import predict_probabilities
+
+        self.install_hooks()
+        timer = self.timer
+        self.hooks.append(self.sa2va.sam2.sam_mask_decoder.register_forward_hook(
+            lambda m, a, o: timer.mark("post")))
+        try:
+            timer.begin("other")
+            predict_probabilities(self.sa2va, images, batch_size=batch, question=question, answer=answer)
+            phases = timer.end()
+        finally:
+            timer.active = False
+            self.remove_hooks()
+        return {name: 1e3 * seconds / len(images) for name, seconds in phases.items()}
+
+    def eval_profile(self, images: list, batch: int, question: str, answer: str, path: Path) -> None:
+        """torch.profiler over the forward path on `images`: the CUDA kernels by total time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from sa2va.model import predict_probabilities
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            predict_probabilities(self.sa2va, images, batch_size=batch, question=question, answer=answer)
+            self.sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{len(images)} images, batch {batch}\n{table}\n")
 
 
 class ForceAnswer:
@@ -740,7 +778,8 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
                   f"{e['generate_images_per_s']:.2f} img/s ({e['speedup']:.1f}x), agreement Dice mean "
                   f"{e['agreement_dice_mean']:.4f} min {e['agreement_dice_min']:.4f} (forward pixels within 0.05 "
                   f"of the threshold: {np.mean(e['undecided_fraction_forward']):.3f}), CPU preprocessing "
-                  f"{1e3 * e['preprocess_s_per_image']:.1f} ms/image "
+                  f"{1e3 * e['preprocess_s_per_image']:.1f} ms/image; forward ms/image by phase "
+                  f"{ {k: round(v, 1) for k, v in e['forward_ms_per_image'].items()} } "
                   f"({time.perf_counter() - t0:.0f} s)")
         save()
 
@@ -955,6 +994,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=16)
     p.add_argument("--eval-generate", type=int, default=8)
     p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--eval-profile", default=None, metavar="TXT",
+                   help="write a torch.profiler table of the forward path's CUDA kernels (2 batches) here")
     p.add_argument("--no-force", action="store_true", help="let predict_forward generate freely")
     p.add_argument("--no-ddp-compile", dest="ddp_compile", action="store_false")
     p.add_argument("--fsdp-compile", action="store_true")
