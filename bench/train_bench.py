@@ -639,6 +639,7 @@ class Bench:
         self.sync()
         forward_s = time.perf_counter() - t0
         breakdown = self.eval_breakdown(images[:n_forward], batch, question, answer)
+        serial_diff = self.serial_difference(images[:batch], probs[:batch], question, answer)
         if self.args.eval_profile:
             self.eval_profile(images[: 2 * batch], batch, question, answer, Path(self.args.eval_profile))
         for block in blocks:  # the generate path runs eager (decoding shapes would recompile)
@@ -673,8 +674,21 @@ class Bench:
             "generated_text": generated[0][1], "seg_tokens": [g[2] for g in generated],
             "forced_answer": force, "peak_mem_gib": perf.peak_memory_gib(self.device),
             "compiled": list(compiled), "compiled_blocks": len(blocks), "forward_warmup_s": warmup_s,
-            "forward_ms_per_image": breakdown,
+            "forward_ms_per_image": breakdown, "forward_vs_serial_max_abs": serial_diff,
         }
+
+    def serial_difference(self, images: list, probs: list, question: str, answer: str) -> float:
+        """Largest difference between predict_probabilities' maps (threaded preparation, pinned
+        non-blocking copies, read-back a chunk late) and the same chunk done step by step with
+        blocking copies: 0.0 when the pipelining changes nothing."""
+        from sa2va.model import autocast, encode_frozen, prepare_images, seg_logits, upsample_logits
+
+        sa2va = self.sa2va
+        with torch.no_grad(), autocast(sa2va):
+            low = seg_logits(sa2va, encode_frozen(sa2va, prepare_images(sa2va, images)), question, answer)
+        serial = [torch.sigmoid(upsample_logits(low[i: i + 1], sa2va.sam_size, im.shape[:2]))[0, 0].float().cpu()
+                  for i, im in enumerate(images)]
+        return max(float(np.abs(a.numpy() - b).max()) for a, b in zip(serial, probs))
 
     def eval_breakdown(self, images: list, batch: int, question: str, answer: str) -> dict[str, float]:
         """GPU-timeline milliseconds per image of each phase of the forward path, from a second
@@ -778,7 +792,8 @@ def run_preset(preset: str, tokens: list[str], samples, args, info: dist.DistInf
                   f"{e['generate_images_per_s']:.2f} img/s ({e['speedup']:.1f}x), agreement Dice mean "
                   f"{e['agreement_dice_mean']:.4f} min {e['agreement_dice_min']:.4f} (forward pixels within 0.05 "
                   f"of the threshold: {np.mean(e['undecided_fraction_forward']):.3f}), CPU preprocessing "
-                  f"{1e3 * e['preprocess_s_per_image']:.1f} ms/image; forward ms/image by phase "
+                  f"{1e3 * e['preprocess_s_per_image']:.1f} ms/image; max |pipelined - serial| "
+                  f"{e['forward_vs_serial_max_abs']:.2e}; forward ms/image by phase "
                   f"{ {k: round(v, 1) for k, v in e['forward_ms_per_image'].items()} } "
                   f"({time.perf_counter() - t0:.0f} s)")
         save()

@@ -501,18 +501,38 @@ def predict_probabilities(
     sa2va: Sa2VA, images: list[np.ndarray], batch_size: int = 4,
     question: str = "Please segment the blood vessels.", answer: str = "It is [SEG].",
 ) -> list[np.ndarray]:
-    """Foreground probability (float32, H x W at each image's size) from the training forward."""
-    from .pipeline import prepared_chunks  # CPU preprocessing in threads, a chunk ahead of the GPU
+    """Foreground probability (float32, H x W at each image's size) from the training forward.
+
+    On CUDA the host never waits for the GPU to drain: a chunk's probabilities are read back
+    only after the next chunk's work is queued behind them."""
+    from .pipeline import prepared_chunks, to_device  # CPU preprocessing in threads, a chunk ahead
 
     out: list[np.ndarray] = []
+    queued: list[tuple[list[Tensor], Any]] = []  # (probabilities on their way to the host, done event)
     for _, inputs in prepared_chunks(sa2va, images, batch_size):
         with autocast(sa2va):
-            features = encode_frozen(sa2va, inputs)
+            features = encode_frozen(sa2va, to_device(inputs, sa2va.device))
             low = seg_logits(sa2va, features, question, answer)
-        for i, size in enumerate(features.sizes):
-            prob = torch.sigmoid(upsample_logits(low[i : i + 1], sa2va.sam_size, size))[0, 0]
-            out.append(prob.float().cpu().numpy())
+        probs = [torch.sigmoid(upsample_logits(low[i: i + 1], sa2va.sam_size, size))[0, 0].float()
+                 for i, size in enumerate(features.sizes)]
+        if sa2va.device.type == "cuda":
+            host = [p.to("cpu", non_blocking=True) for p in probs]  # page-locked, filled in stream order
+            done = torch.cuda.Event()
+            done.record()
+            queued.append((host, done))
+        else:
+            queued.append((probs, None))
+        if len(queued) > 1:
+            out += _read_back(*queued.pop(0))
+    for host, done in queued:
+        out += _read_back(host, done)
     return out
+
+
+def _read_back(probs: list[Tensor], done: Any) -> list[np.ndarray]:
+    if done is not None:
+        done.synchronize()
+    return [p.numpy().copy() for p in probs]  # copied: page-locked memory is not held by callers
 
 
 class SegPolicy(nn.Module):
