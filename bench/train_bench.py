@@ -946,7 +946,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 for n, v in variants.items() if v["variant"]["strategy"] == "fsdp"}
         if fsdp:
             shape["fsdp"] = fsdp
-        found = {t: entry[t] for t in EVAL_VARIANTS if t in entry}
+        found = {t: v for t, v in entry.items() if eval_base(t) and isinstance(v, dict)}
         if found:
             e = found.get("eval") or next(iter(found.values()))
             evals[key] = {k: e.get(k) for k in ("forward_images_per_s", "forward_batch", "generate_images_per_s",
@@ -1045,7 +1045,10 @@ def headline_keys(summary: dict[str, Any], merged: dict[str, Any], mission_file:
         why["architecture"] = "no 26B run recorded its LLM class"
     commands = {r["file"]: r.get("command", "see docs/performance.md") for r in merged["runs"]}
     forward = summary.get("eval_forward_vs_generate", {}).get("sa2va-26b", {}).get("forward_variants", {})
-    if forward:  # the fastest forward path measured (eager, or with its blocks compiled)
+    # The fastest forward path measured (eager, or with its blocks compiled); labelled runs of a
+    # variant (FILE=LABEL: another batch or image count) are shown but never the headline.
+    forward = {t: v for t, v in forward.items() if "[" not in t}
+    if forward:
         best = max(forward, key=lambda t: forward[t]["images_per_s"])
         out["eval_forward_images_per_s"] = forward[best]["images_per_s"]
         out["eval_forward_mfu"] = forward[best]["mfu"]
@@ -1129,6 +1132,11 @@ def command_of(meta: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def eval_base(key: str) -> bool:
+    """Whether a results key is an evaluation variant, labelled (`evalcs[b16]`) or not."""
+    return key.partition("[")[0] in EVAL_VARIANTS
+
+
 def merge_results(files: list[str]) -> dict[str, Any]:
     """Results of several runs as one: per shape, later runs add variants (and missing parts).
     FILE=LABEL names that file's variants NAME[LABEL] (a run of the same variants under another
@@ -1162,11 +1170,13 @@ def merge_results(files: list[str]) -> dict[str, Any]:
                                 f"{preset} {key}: {target['variants'][key]['run']} replaced by {Path(name).name}"]
                         target["variants"][key] = dict(v, run=Path(name).name)
                 elif key in EVAL_VARIANTS or key == "flops" or key not in target:  # the newest evaluations, counts
-                    if key in EVAL_VARIANTS and key in target:
+                    if key in EVAL_VARIANTS and label:  # a labelled run's evaluation stands beside the default's
+                        key = f"{key}[{label}]"
+                    if eval_base(key) and key in target:
                         merged["replaced"] = merged.get("replaced", []) + [
                             f"{preset} {key}: {target.get(f'{key}_run')} replaced by {Path(name).name}"]
                     target[key] = value
-                    if key in EVAL_VARIANTS:
+                    if eval_base(key):
                         target[f"{key}_run"] = Path(name).name
     return merged
 
