@@ -4,6 +4,7 @@ by default with a fallback, and a budget that cannot hold the model refused befo
 import json
 
 import pytest
+import numpy as np
 import torch
 
 import train_dpo
@@ -142,6 +143,20 @@ def test_threaded_preprocessing_gives_the_same_inputs(tiny_model, tiny_pairs):
         want = prepare_images(sa2va, images[start:start + 2])
         assert got.tiles == want.tiles and got.sizes == want.sizes
         assert torch.equal(got.vit_pixels, want.vit_pixels) and torch.equal(got.sam_pixels, want.sam_pixels)
+
+    # predict_probabilities reads each chunk back one chunk late: every map, in order, the last
+    # (short) chunk included, equal to the chunk done step by step
+    from sa2va.model import encode_frozen, predict_probabilities, seg_logits, upsample_logits
+
+    got = predict_probabilities(sa2va, images, batch_size=2)
+    want = []
+    with torch.no_grad():
+        for start, inputs in chunks:
+            low = seg_logits(sa2va, encode_frozen(sa2va, inputs), "Please segment the blood vessels.", "It is [SEG].")
+            want += [torch.sigmoid(upsample_logits(low[i: i + 1], sa2va.sam_size, size))[0, 0].numpy()
+                     for i, size in enumerate(inputs.sizes)]
+    assert [g.shape for g in got] == [im.shape[:2] for im in images]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
 def test_qwen_vl_family_tokens_follow_the_pixel_count(tmp_path):
