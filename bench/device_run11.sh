@@ -8,18 +8,9 @@
 #   mission  train_dpo.py --cfg configs/v8.yaml as typed at the 26B shape, one GPU, 60 steps
 set -uo pipefail
 OUT=${1:?usage: device_run11.sh OUT}
-R=$OUT/r
-mkdir -p "$R"
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+RUN=run11
+source bench/device_parts.sh
 B="python3 bench/train_bench.py --device cuda --steps 5 --warmup 2"
-part() {  # NAME LIMIT_S ARGS...
-  local name=$1 limit=$2 start=$(date +%s) rc
-  shift 2
-  timeout "$limit" "$@" > "$R/run11_$name.log" 2>&1
-  rc=$?
-  echo "$name: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$R/parts.txt"
-  tar -czf "$OUT/results.tar.gz" -C "$R" .
-}
 part evalcs 200 $B --plan "26b=evalcs" --eval-images 64 --eval-generate 2 \
   --eval-profile "$R/run11_eval_profile.txt" --out "$R/run11_evalcs.json"
 part fast4 120 $B --plan "26b=fast@4x1" --out "$R/run11_fast4.json"

@@ -8,19 +8,10 @@
 #   b16x128  batch 16, 128 images
 set -uo pipefail
 OUT=${1:?usage: device_run12.sh OUT}
-R=$OUT/r
-mkdir -p "$R"
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+RUN=run12
+source bench/device_parts.sh
 B="python3 bench/train_bench.py --device cuda --plan 26b=evalcs --eval-generate 2"
-part() {  # NAME LIMIT_S ARGS...
-  local name=$1 limit=$2 start=$(date +%s) rc
-  shift 2
-  timeout "$limit" "$@" --out "$R/run12_$name.json" > "$R/run12_$name.log" 2>&1
-  rc=$?
-  echo "$name: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$R/parts.txt"
-  tar -czf "$OUT/results.tar.gz" -C "$R" .
-}
-part b8x128 150 $B --eval-images 128 --eval-batch 8 --eval-profile "$R/run12_eval_profile.txt"
-part b8x64 120 $B --eval-images 64 --eval-batch 8
-part b16x128 150 $B --eval-images 128 --eval-batch 16
+part b8x128 150 $B --out "$R/run12_b8x128.json" --eval-images 128 --eval-batch 8 --eval-profile "$R/run12_eval_profile.txt"
+part b8x64 120 $B --out "$R/run12_b8x64.json" --eval-images 64 --eval-batch 8
+part b16x128 150 $B --out "$R/run12_b16x128.json" --eval-images 128 --eval-batch 16
 grep -h -E "evalcs:|failed|Error" "$R"/run12_*.log | head -20
