@@ -18,20 +18,23 @@ The pieces, used by training, curation and both evaluation paths alike:
   `tile_pairs`              training pairs cut into tile pairs, masks alike
   `ceiling_mask`            what a perfect model at the logit resolution can give
 See docs/resolution.md.
+
+torch is imported inside the functions that compute: the geometry and the key checks load without
+it, so a command that only validates its arguments (or curates without a model) starts at once.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 MIN_TILE = 32  # below this a tile holds too little context for the ViT and SAM2 to see a vessel
 # The release's SAM2 input side (hard-coded in its remote code, absent from config.json): its
@@ -163,6 +166,8 @@ def blend(tiles: list[Tensor], lay: Layout) -> Tensor:
     """Tile maps (each (h, w) at its box's size) -> (H, W), the window-weighted mean.
 
     Where only one tile covers a pixel this is that tile's value; a constant stays constant."""
+    import torch
+
     if len(tiles) == 1:
         return tiles[0].float()
     device = tiles[0].device
@@ -191,15 +196,19 @@ def assemble(low: Tensor, sam_size: int, lay: Layout) -> Tensor:
 def tiled_logits(sa2va: Any, images: list[np.ndarray], tiling: Tiling, logits_fn: Callable[[Any], Tensor],
                  batch_size: int) -> list[Tensor]:
     """Full-resolution logits (H, W) of each image: every tile through encode_frozen and
-    `logits_fn` (the trainable forward), `batch_size` tiles at a time, then blended."""
-    from .model import autocast, encode_frozen, prepare_images
+    `logits_fn` (the trainable forward), `batch_size` tiles at a time, then blended. Tiles are
+    prepared in threads a chunk ahead and copied without a wait, as the untiled forward does."""
+    import torch
+
+    from .model import autocast, encode_frozen
+    from .pipeline import prepared_chunks, to_device
 
     lays = [layout(im.shape[0], im.shape[1], tiling) for im in images]
     pieces = [c for im, lay in zip(images, lays) for c in crops(im, lay)]
     lows = []
-    for start in range(0, len(pieces), batch_size):
+    for _, inputs in prepared_chunks(sa2va, pieces, batch_size):
         with autocast(sa2va):
-            features = encode_frozen(sa2va, prepare_images(sa2va, pieces[start : start + batch_size]))
+            features = encode_frozen(sa2va, to_device(inputs, sa2va.device))
             lows.append(logits_fn(features).float())
     low = torch.cat(lows)
     out, at = [], 0
@@ -210,21 +219,25 @@ def tiled_logits(sa2va: Any, images: list[np.ndarray], tiling: Tiling, logits_fn
     return out
 
 
-@torch.inference_mode()
 def predict_probabilities(sa2va: Any, images: list[np.ndarray], tiling: Tiling | None, batch_size: int = 4,
                           question: str = "Please segment the blood vessels.",
                           answer: str = "It is [SEG].") -> list[np.ndarray]:
     """Foreground probability (H x W float32) of each image; tiling None = today's untiled path."""
+    import torch
+
     from .model import predict_probabilities as untiled, seg_logits
 
-    if tiling is None:
-        return untiled(sa2va, images, batch_size=batch_size, question=question, answer=answer)
-    logits = tiled_logits(sa2va, images, tiling, lambda f: seg_logits(sa2va, f, question, answer), batch_size)
-    return [torch.sigmoid(z).cpu().numpy().astype(np.float32) for z in logits]
+    with torch.inference_mode():
+        if tiling is None:
+            return untiled(sa2va, images, batch_size=batch_size, question=question, answer=answer)
+        logits = tiled_logits(sa2va, images, tiling, lambda f: seg_logits(sa2va, f, question, answer), batch_size)
+        return [torch.sigmoid(z).cpu().numpy().astype(np.float32) for z in logits]
 
 
 def blend_masks(masks: list[np.ndarray], lay: Layout) -> np.ndarray:
     """Binary tile masks (e.g. predict_forward's, per tile) -> one mask: window-weighted vote."""
+    import torch
+
     if len(masks) == 1:
         return masks[0].astype(bool)
     votes = blend([torch.from_numpy(m.astype(np.float32)) for m in masks], lay)
@@ -252,6 +265,9 @@ def ceiling_mask(mask: np.ndarray, low_res: int, sam_size: int, tiling: Tiling |
     """The best mask a model with a low_res x low_res logit grid can give: each tile (or the
     whole image) of the true mask area-averaged onto the grid, upsampled as the forward
     upsamples logits, blended, thresholded at 0.5."""
+    import torch
+    import torch.nn.functional as F
+
     lay = layout(mask.shape[0], mask.shape[1], tiling)
     lows = [F.interpolate(torch.from_numpy(c.astype(np.float32))[None, None], size=(low_res, low_res),
                           mode="area") for c in crops(mask, lay)]
