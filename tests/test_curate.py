@@ -479,3 +479,15 @@ def test_model_source_with_the_tiny_checkpoint(tmp_path, tiny_model):
         assert Path(p["rejected_mask"]).parent.name == "curated_rejected"
         with Image.open(tmp_path / "o" / p["rejected_mask"]) as im:
             assert im.size == (64, 64)
+
+
+def test_curation_without_a_model_never_imports_torch(tmp_path):
+    """given/perturb sources and the config checks need no torch: the command starts at once."""
+    data = make_dataset(tmp_path / "d", n=2)
+    code = ("import sys, curate_data; rc = curate_data.main(['--data', sys.argv[1], '--min-gap', '0.05', "
+            "'--rejected', 'perturb']); print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(data)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "0 False"
+    assert load_pairs(data)
