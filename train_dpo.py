@@ -56,6 +56,7 @@ from sa2va.model import (
     projector_trained,
     upsample_logits,
 )
+from sa2va.pipeline import prepared_chunks, to_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,16 +113,16 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
 
 def encode_all(sa2va: Sa2VA, images: list[np.ndarray], batch: int, info: dist.DistInfo, what: str,
                on_device: bool = True) -> list[FrozenFeatures]:
-    """Frozen encoder features of each image, computed once, kept on the device or the CPU."""
+    """Frozen encoder features of each image, computed once, kept on the device or the CPU
+    (images prepared in threads a chunk ahead, as evaluation's forward path does)."""
     keep = sa2va.device if on_device else torch.device("cpu")
     out: list[FrozenFeatures] = []
     with progress(info, f"encoding {what}", len(images)) as advance:
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch]
+        for _, inputs in prepared_chunks(sa2va, images, batch):
             with autocast(sa2va):
-                feats = encode_frozen(sa2va, prepare_images(sa2va, chunk)).to(keep)
-            out.extend(feats.select([i]) for i in range(len(chunk)))
-            advance(len(chunk))
+                feats = encode_frozen(sa2va, to_device(inputs, sa2va.device)).to(keep)
+            out.extend(feats.select([i]) for i in range(len(inputs.tiles)))
+            advance(len(inputs.tiles))
     return out
 
 
