@@ -6,6 +6,8 @@
 #   two      the default since session 4 (two streams)
 #   one      --one-stream
 #   two2     two streams again (the spread between processes)
+# Ran at commit a74ede6. The second stream gave no gain (docs/performance.md, run 16) and was
+# removed with --one-stream: on later commits every part runs the one-stream path.
 set -uo pipefail
 OUT=${1:?usage: device_run16.sh OUT}
 RUN=run16

@@ -679,19 +679,13 @@ class Bench:
 
     def serial_difference(self, images: list, probs: list, question: str, answer: str) -> float:
         """Largest difference between predict_probabilities' maps (threaded preparation, pinned
-        non-blocking copies, read-back a chunk late, SAM2's encoder on a second stream) and the
-        same chunk done step by step on one stream with blocking copies: 0.0 when neither the
-        pipelining nor the second stream changes anything."""
-        from sa2va import model as sa2va_model
+        non-blocking copies, read-back a chunk late) and the same chunk done step by step with
+        blocking copies: 0.0 when the pipelining changes nothing."""
         from sa2va.model import autocast, encode_frozen, prepare_images, seg_logits, upsample_logits
 
         sa2va = self.sa2va
-        overlap, sa2va_model.OVERLAP_ENCODERS = sa2va_model.OVERLAP_ENCODERS, False
-        try:
-            with torch.no_grad(), autocast(sa2va):
-                low = seg_logits(sa2va, encode_frozen(sa2va, prepare_images(sa2va, images)), question, answer)
-        finally:
-            sa2va_model.OVERLAP_ENCODERS = overlap
+        with torch.no_grad(), autocast(sa2va):
+            low = seg_logits(sa2va, encode_frozen(sa2va, prepare_images(sa2va, images)), question, answer)
         serial = [torch.sigmoid(upsample_logits(low[i: i + 1], sa2va.sam_size, im.shape[:2]))[0, 0].float().cpu()
                   for i, im in enumerate(images)]
         return max(float(np.abs(a.numpy() - b).max()) for a, b in zip(serial, probs))
@@ -702,12 +696,8 @@ class Bench:
         the decoder's output), heads_fwd (text_hidden_fcs + SAM2 heads), post (from the mask
         decoder's return to the next chunk's ViT: upsampling, copies to the host, waiting for the
         next chunk), other (before the first ViT). Idle gaps count in the phase they fall in."""
-        from sa2va import model as sa2va_model
         from sa2va.model import predict_probabilities
 
-        # One stream, so that each phase is a span of one timeline (the overlapped SAM2 encoder
-        # would run beside the ViT's phase)
-        overlap, sa2va_model.OVERLAP_ENCODERS = sa2va_model.OVERLAP_ENCODERS, False
         self.install_hooks()
         timer = self.timer
         self.hooks.append(self.sa2va.sam2.sam_mask_decoder.register_forward_hook(
@@ -719,7 +709,6 @@ class Bench:
         finally:
             timer.active = False
             self.remove_hooks()
-            sa2va_model.OVERLAP_ENCODERS = overlap
         return {name: 1e3 * seconds / len(images) for name, seconds in phases.items()}
 
     def eval_profile(self, images: list, batch: int, question: str, answer: str, path: Path) -> None:
@@ -1020,8 +1009,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=16)
     p.add_argument("--eval-generate", type=int, default=8)
     p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--one-stream", action="store_true",
-                   help="evaluation: SAM2's image encoder on the main stream (sa2va.model.OVERLAP_ENCODERS off)")
     p.add_argument("--eval-profile", default=None, metavar="TXT",
                    help="write a torch.profiler table of the forward path's CUDA kernels (2 batches) here")
     p.add_argument("--no-force", action="store_true", help="let predict_forward generate freely")
@@ -1141,7 +1128,6 @@ def command_of(meta: dict[str, Any]) -> str:
                 "collective_timeout", "image_size", "family"):
         if key in a and a[key] != defaults.get(key):
             parts += [f"--{key.replace('_', '-')}", str(a[key])]
-    parts += ["--one-stream"] if a.get("one_stream") else []
     parts += ["--out", "OUT/" + Path(a["out"]).name] if a.get("out") else []
     return " ".join(parts)
 
@@ -1212,10 +1198,6 @@ def main(argv: list[str] | None = None) -> int:
         print_table(merged)
         return 0
     FAMILY[0] = args.family
-    if args.one_stream:
-        from sa2va import model as sa2va_model
-
-        sa2va_model.OVERLAP_ENCODERS = False
     if args.dtype == "float32":  # float32 weights: sa2va.model.autocast adds no bf16; no TF32 either
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     plan = parse_plan(args.plan if args.preset is None else

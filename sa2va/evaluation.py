@@ -41,7 +41,7 @@ from .metrics import DISPLAY_NAMES, LOWER_IS_BETTER, METRICS, image_metrics, pai
 from .prediction import COLOUR_FN, COLOUR_FP, COLOUR_TP, overlay, prediction_record, probability_png  # noqa: F401
 
 # What --compile compiles (sa2va.batching.compile_for_inference), as measured at the 26B shape
-# (docs/performance.md runs 12-13, batch 8: 15.1 images/s eager, 20.9-21.2 with all three).
+# (docs/performance.md runs 12-16, batch 8: 15.1 images/s eager, 20.0-21.2 with all three).
 EVAL_COMPILED = ("llm", "vit", "sam")
 COUNT_KEYS = ("tp", "fp", "fn", "tn", "skel_pred", "skel_pred_in_gt", "skel_gt", "skel_gt_in_pred",
               "components_pred", "components_gt")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights (auto: bfloat16 with bf16 autocast on CUDA, float32 on CPU; float32: no autocast)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward path's LLM, ViT and SAM2 encoder blocks (34-45 s at the 26B "
-                        "shape, then 15.1 -> 20.9-21.2 images/s on an H200; worth it from about 2,400 images)")
+                        "shape, then 15.1 -> 20.0-21.2 images/s on an H200; worth it from about 2,500 images)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--n-boot", type=int, default=None,
                    help="bootstrap resamples (default 2000 for a summary, 5000 for --compare)")

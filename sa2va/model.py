@@ -419,40 +419,21 @@ def encode_frozen(sa2va: Sa2VA, inputs: SegInputs) -> FrozenFeatures:
     return encode_images(sa2va, inputs)
 
 
-OVERLAP_ENCODERS = True  # on CUDA, SAM2's image encoder runs on a second stream beside the ViT
-_SIDE_STREAMS: dict[torch.device, Any] = {}
-
-
 def encode_images(sa2va: Sa2VA, inputs: SegInputs) -> FrozenFeatures:
-    """`encode_frozen` with gradients allowed (the baseline builder trains the image encoder).
-
-    On CUDA SAM2's encoder (many small window-attention kernels) is queued on a second stream,
-    so the GPU can run it in the gaps of the ViT's large matrix products; the main stream waits
-    for it before anything reads its features. Same kernels, same inputs: the same features."""
-    sam2 = sa2va.sam2
-    images = inputs.sam_pixels.to(sa2va.device, sa2va.dtype)
-    side = None
-    if OVERLAP_ENCODERS and sa2va.device.type == "cuda":
-        side = _SIDE_STREAMS.setdefault(sa2va.device, torch.cuda.Stream(sa2va.device))
-        side.wait_stream(torch.cuda.current_stream(sa2va.device))  # the SAM2 input has arrived
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        feats = sam2.forward_image(images)
-        _, vision_feats, _, feat_sizes = sam2._prepare_backbone_features(feats)
-        batch = images.shape[0]
-        high_res = [
-            x.permute(1, 2, 0).reshape(batch, -1, h, w) for x, (h, w) in zip(vision_feats[:-1], feat_sizes[:-1])
-        ]
-        h, w = feat_sizes[-1]
-        pix = (vision_feats[-1] + sam2.no_mem_embed).permute(1, 2, 0).reshape(batch, -1, h, w)
+    """`encode_frozen` with gradients allowed (the baseline builder trains the image encoder)."""
     layouts = [inputs.layout(i) for i in range(len(inputs.tiles))]
     vit, rows, extra = sa2va.family.encode_vision(sa2va, inputs.vit_pixels, layouts,
                                                   with_projector=not projector_trained(sa2va))
-    if side is not None:
-        main = torch.cuda.current_stream(sa2va.device)
-        main.wait_stream(side)
-        images.record_stream(side)  # freed by the main stream, read by the side one
-        for t in [*high_res, pix]:  # made on the side stream, read and freed by the main one
-            t.record_stream(main)
+    sam2 = sa2va.sam2
+    images = inputs.sam_pixels.to(sa2va.device, sa2va.dtype)
+    feats = sam2.forward_image(images)
+    _, vision_feats, _, feat_sizes = sam2._prepare_backbone_features(feats)
+    batch = images.shape[0]
+    high_res = [
+        x.permute(1, 2, 0).reshape(batch, -1, h, w) for x, (h, w) in zip(vision_feats[:-1], feat_sizes[:-1])
+    ]
+    h, w = feat_sizes[-1]
+    pix = (vision_feats[-1] + sam2.no_mem_embed).permute(1, 2, 0).reshape(batch, -1, h, w)
     return FrozenFeatures(vit, high_res, pix, rows, list(inputs.sizes), inputs.layouts, extra)
 
 
